@@ -1,0 +1,275 @@
+#include "dense_crf.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "fast_math.h"
+#include "parallel.h"
+
+namespace crf {
+
+namespace {
+
+// Pixels per softmax chunk: small enough for L1, long enough to vectorise the exp.
+constexpr int kChunk = 64;
+
+// q_rows[p] = softmax(logits[p]) for `count` points; logits (count x n_labels) is overwritten.
+// Same steps as pydensecrf's expAndNormalize: subtract the max, exponentiate, divide by the sum.
+void softmax_rows(float* logits, int count, int n_labels, float* q_rows, int stride) {
+  for (int p = 0; p < count; ++p) {
+    float* x = logits + static_cast<std::size_t>(p) * n_labels;
+    float top = x[0];
+    for (int l = 1; l < n_labels; ++l) top = std::max(top, x[l]);
+    for (int l = 0; l < n_labels; ++l) x[l] -= top;
+  }
+  exp_inplace(logits, count * n_labels);
+  for (int p = 0; p < count; ++p) {
+    const float* x = logits + static_cast<std::size_t>(p) * n_labels;
+    float sum = 0.0f;
+    for (int l = 0; l < n_labels; ++l) sum += x[l];
+    float* q = q_rows + static_cast<std::size_t>(p) * stride;
+    for (int l = 0; l < n_labels; ++l) q[l] = x[l] / sum;
+    for (int l = n_labels; l < stride; ++l) q[l] = 0.0f;
+  }
+}
+
+using FloatBuffer = std::unique_ptr<float[]>;
+
+// A lattice value buffer; only the zero row is initialised (the splat writes every vertex row),
+// which also leaves the first touch of each page to the thread that writes it.
+FloatBuffer lattice_buffer(const Permutohedral& lattice, int stride) {
+  FloatBuffer buffer(new float[lattice.buffer_size(stride)]);
+  std::fill_n(buffer.get(), stride, 0.0f);
+  return buffer;
+}
+
+}  // namespace
+
+PairwiseKernel::PairwiseKernel(const float* features, int n_points, int dim, LabelCompat compat,
+                               Normalization normalization, int num_threads)
+    : lattice_(features, n_points, dim, num_threads), compat_(std::move(compat)), normalization_(normalization) {
+  if (normalization_ == Normalization::kNone) return;  // pydensecrf computes a mean norm it never uses
+  // The norm is K 1 through the one-channel code path, then pydensecrf's double-precision formula.
+  std::vector<float> ones(n_points, 1.0f);
+  norm_.resize(n_points);
+  lattice_.filter(ones.data(), 1, norm_.data(), num_threads);
+  for (float& n : norm_) {
+    const double shifted = static_cast<double>(n) + 1e-20;
+    n = static_cast<float>(normalization_ == Normalization::kSymmetric ? 1.0 / std::sqrt(shifted) : 1.0 / shifted);
+  }
+}
+
+const float* PairwiseKernel::pre_scale() const {
+  const bool before = normalization_ == Normalization::kSymmetric || normalization_ == Normalization::kBefore;
+  return before ? norm_.data() : nullptr;
+}
+
+const float* PairwiseKernel::post_scale() const {
+  const bool after = normalization_ == Normalization::kSymmetric || normalization_ == Normalization::kAfter;
+  return after ? norm_.data() : nullptr;
+}
+
+DenseCrf::DenseCrf(int n_points, int n_labels)
+    : n_points_(n_points), n_labels_(n_labels), stride_(padded_channels(n_labels)) {}
+
+void DenseCrf::set_unary(const float* unary) {
+  neg_unary_.resize(static_cast<std::size_t>(n_points_) * n_labels_);
+  for (int l = 0; l < n_labels_; ++l) {
+    for (int p = 0; p < n_points_; ++p) {
+      neg_unary_[static_cast<std::size_t>(p) * n_labels_ + l] = -unary[static_cast<std::size_t>(l) * n_points_ + p];
+    }
+  }
+}
+
+void DenseCrf::set_unary_from_probs(const float* probs, float clip_min, int num_threads) {
+  neg_unary_.resize(static_cast<std::size_t>(n_points_) * n_labels_);
+  const int n = n_points_, c = n_labels_;
+  // Index of the first bad entry (label-major), or the end: checked in the same pass.
+  long long first_bad = std::numeric_limits<long long>::max();
+#pragma omp parallel for schedule(static) reduction(min : first_bad) num_threads(resolve_threads(num_threads))
+  for (int p = 0; p < n; ++p) {
+    for (int l = 0; l < c; ++l) {
+      const float value = probs[static_cast<std::size_t>(l) * n + p];
+      if (!(value >= 0.0f) || value == std::numeric_limits<float>::infinity()) {
+        first_bad = std::min(first_bad, static_cast<long long>(l) * n + p);
+      }
+      neg_unary_[static_cast<std::size_t>(p) * c + l] = std::log(std::min(std::max(value, clip_min), 1.0f));
+    }
+  }
+  if (first_bad != std::numeric_limits<long long>::max()) {
+    const long long label = first_bad / n, point = first_bad % n;
+    throw std::invalid_argument("probs must be finite and >= 0; probs[" + std::to_string(label) + "] at pixel " +
+                                std::to_string(point) + " is " +
+                                std::to_string(probs[static_cast<std::size_t>(first_bad)]));
+  }
+}
+
+void DenseCrf::add_kernel(std::unique_ptr<PairwiseKernel> kernel) { kernels_.push_back(std::move(kernel)); }
+
+void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
+  const int n = n_points_, c = n_labels_, stride = stride_;
+  const int n_kernels = static_cast<int>(kernels_.size());
+  std::vector<FloatBuffer> values, scratch;
+  for (int k = 0; k < n_kernels; ++k) {
+    values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
+    scratch.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
+  }
+  const bool alpha_in_weight = c > 2;
+  with_stride(stride, [&](auto kStride) {
+#pragma omp parallel num_threads(resolve_threads(num_threads))
+    {
+      std::vector<float> logits(static_cast<std::size_t>(kChunk) * c), sliced(stride), message(c);
+      std::vector<const float*> filtered(n_kernels);
+      for (int it = 0; it < n_iter; ++it) {
+        // Every splat reads q before any point of q is overwritten below.
+        for (int k = 0; k < n_kernels; ++k) {
+          kernels_[k]->lattice().template splat<kStride>(q, stride, kernels_[k]->pre_scale(), values[k].get());
+        }
+        for (int k = 0; k < n_kernels; ++k) {
+          filtered[k] = kernels_[k]->lattice().template blur<kStride>(values[k].get(), scratch[k].get(), stride,
+                                                                      false);
+        }
+        // logits = -U - sum_k compat_k(K_k q), in pydensecrf's order, then softmax into q.
+#pragma omp for schedule(static)
+        for (int start = 0; start < n; start += kChunk) {
+          const int count = std::min(kChunk, n - start);
+          for (int i = 0; i < count; ++i) {
+            const int p = start + i;
+            float* x = logits.data() + static_cast<std::size_t>(i) * c;
+            std::copy_n(neg_unary_.data() + static_cast<std::size_t>(p) * c, c, x);
+            for (int k = 0; k < n_kernels; ++k) {
+              const PairwiseKernel& kernel = *kernels_[k];
+              kernel.lattice().template slice_point<kStride>(p, filtered[k], stride, alpha_in_weight, sliced.data());
+              if (const float* post = kernel.post_scale()) {
+                for (int l = 0; l < c; ++l) sliced[l] *= post[p];
+              }
+              kernel.compat().apply(sliced.data(), c, message.data());
+              for (int l = 0; l < c; ++l) x[l] -= message[l];
+            }
+          }
+          softmax_rows(logits.data(), count, c, q + static_cast<std::size_t>(start) * stride, stride);
+        }
+      }
+    }
+  });
+}
+
+void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads) const {
+  const int n = n_points_, c = n_labels_, stride = stride_;
+  FloatBuffer padded(new float[static_cast<std::size_t>(n) * stride]);
+#pragma omp parallel num_threads(resolve_threads(num_threads))
+  {
+    std::vector<float> logits(static_cast<std::size_t>(kChunk) * c);
+#pragma omp for schedule(static)
+    for (int start = 0; start < n; start += kChunk) {
+      const int count = std::min(kChunk, n - start);
+      std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * c, static_cast<std::size_t>(count) * c,
+                  logits.data());
+      softmax_rows(logits.data(), count, c, padded.get() + static_cast<std::size_t>(start) * stride, stride);
+    }
+  }
+  iterate(padded.get(), n_iter, num_threads);
+#pragma omp parallel for schedule(static) num_threads(resolve_threads(num_threads))
+  for (int p = 0; p < n; ++p) {
+    const float* row = padded.get() + static_cast<std::size_t>(p) * stride;
+    for (int l = 0; l < c; ++l) {
+      q[label_major ? static_cast<std::size_t>(l) * n + p : static_cast<std::size_t>(p) * c + l] = row[l];
+    }
+  }
+}
+
+void DenseCrf::step(float* q, int num_threads) const {
+  const int n = n_points_, c = n_labels_, stride = stride_;
+  std::vector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
+  for (int p = 0; p < n; ++p) {
+    std::copy_n(q + static_cast<std::size_t>(p) * c, c, padded.data() + static_cast<std::size_t>(p) * stride);
+  }
+  iterate(padded.data(), 1, num_threads);
+  for (int p = 0; p < n; ++p) {
+    std::copy_n(padded.data() + static_cast<std::size_t>(p) * stride, c, q + static_cast<std::size_t>(p) * c);
+  }
+}
+
+double DenseCrf::kl_divergence(const float* q, int num_threads) const {
+  const int n = n_points_, c = n_labels_, stride = stride_;
+  std::vector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
+  for (int p = 0; p < n; ++p) {
+    std::copy_n(q + static_cast<std::size_t>(p) * c, c, padded.data() + static_cast<std::size_t>(p) * stride);
+  }
+  // Per-point terms summed in point order afterwards: the same bits for any thread count.
+  std::vector<double> per_point(n, 0.0);
+  for (int p = 0; p < n; ++p) {
+    for (int l = 0; l < c; ++l) {
+      const float ql = padded[static_cast<std::size_t>(p) * stride + l];
+      per_point[p] += static_cast<double>(ql) * std::log(static_cast<double>(std::max(ql, 1e-20f)));
+      per_point[p] -= static_cast<double>(neg_unary_[static_cast<std::size_t>(p) * c + l]) * ql;
+    }
+  }
+  for (const auto& kernel : kernels_) {
+    const Permutohedral& lattice = kernel->lattice();
+    std::vector<float> values(lattice.buffer_size(stride), 0.0f), scratch(lattice.buffer_size(stride), 0.0f);
+    with_stride(stride, [&](auto kStride) {
+#pragma omp parallel num_threads(resolve_threads(num_threads))
+      {
+        lattice.template splat<kStride>(padded.data(), stride, kernel->pre_scale(), values.data());
+        const float* filtered = lattice.template blur<kStride>(values.data(), scratch.data(), stride, false);
+        std::vector<float> sliced(stride), message(c);
+#pragma omp for schedule(static)
+        for (int p = 0; p < n; ++p) {
+          lattice.template slice_point<kStride>(p, filtered, stride, c > 2, sliced.data());
+          if (const float* post = kernel->post_scale()) {
+            for (int l = 0; l < c; ++l) sliced[l] *= post[p];
+          }
+          kernel->compat().apply(sliced.data(), c, message.data());
+          for (int l = 0; l < c; ++l) {
+            per_point[p] += static_cast<double>(padded[static_cast<std::size_t>(p) * stride + l]) * message[l];
+          }
+        }
+      }
+    });
+  }
+  double kl = 0.0;
+  for (double term : per_point) kl += term;
+  return kl;
+}
+
+void dense_crf_2d(const uint8_t* image, const float* probs, int height, int width, int n_labels,
+                  const CrfParams& params, float* q_out, int num_threads) {
+  const int n = height * width;
+  DenseCrf crf(n, n_labels);
+  crf.set_unary_from_probs(probs, 1e-5f, num_threads);
+  {
+    // Features exactly as pydensecrf's DenseCRF2D builds them: float pixel index / float std.
+    std::vector<float> features(static_cast<std::size_t>(n) * 2);
+    for (int y = 0; y < height; ++y) {
+      for (int x = 0; x < width; ++x) {
+        const std::size_t p = static_cast<std::size_t>(y) * width + x;
+        features[p * 2 + 0] = static_cast<float>(x) / params.pos_xy_std;
+        features[p * 2 + 1] = static_cast<float>(y) / params.pos_xy_std;
+      }
+    }
+    crf.add_kernel(std::make_unique<PairwiseKernel>(features.data(), n, 2, LabelCompat::potts(params.pos_w),
+                                                    Normalization::kSymmetric, num_threads));
+  }
+  {
+    std::vector<float> features(static_cast<std::size_t>(n) * 5);
+    for (int y = 0; y < height; ++y) {
+      for (int x = 0; x < width; ++x) {
+        const std::size_t p = static_cast<std::size_t>(y) * width + x;
+        features[p * 5 + 0] = static_cast<float>(x) / params.bi_xy_std;
+        features[p * 5 + 1] = static_cast<float>(y) / params.bi_xy_std;
+        for (int ch = 0; ch < 3; ++ch) {
+          features[p * 5 + 2 + ch] = static_cast<float>(image[p * 3 + ch]) / params.bi_rgb_std;
+        }
+      }
+    }
+    crf.add_kernel(std::make_unique<PairwiseKernel>(features.data(), n, 5, LabelCompat::potts(params.bi_w),
+                                                    Normalization::kSymmetric, num_threads));
+  }
+  crf.inference(params.n_iter, q_out, /*label_major=*/true, num_threads);
+}
+
+}  // namespace crf

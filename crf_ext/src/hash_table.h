@@ -1,0 +1,102 @@
+// Open-addressing hash set of permutohedral lattice keys.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace crf {
+
+// Keys are `key_size` int32 coordinates; ids are assigned in insertion order, so inserting the
+// vertices of the points in raster order numbers them in first-touch order, as pydensecrf does.
+// Linear probing over a power-of-two table that is kept at most half full. Each slot stores the
+// full 32-bit hash next to the id so that most mismatches are rejected without touching the keys.
+class LatticeHashTable {
+ public:
+  LatticeHashTable(int key_size, std::size_t expected_keys) : key_size_(key_size) {
+    std::size_t capacity = 16;
+    while (capacity < 2 * expected_keys) capacity *= 2;
+    slots_.assign(capacity, Slot{-1, 0});
+    mask_ = capacity - 1;
+    keys_.reserve(expected_keys * key_size_);
+  }
+
+  int size() const { return static_cast<int>(n_keys_); }
+  const int32_t* key(int id) const { return keys_.data() + static_cast<std::size_t>(id) * key_size_; }
+  const std::vector<int32_t>& keys() const { return keys_; }
+
+  static uint32_t hash(const int32_t* key, int key_size) {
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < key_size; ++i) {
+      h = (h ^ static_cast<uint32_t>(key[i])) * 0xFF51AFD7ED558CCDull;
+    }
+    // Finaliser of MurmurHash3: the table indexes with the low bits, which the multiplications
+    // above leave dependent on the low bits of the coordinates only.
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ull;
+    h ^= h >> 33;
+    return static_cast<uint32_t>(h);
+  }
+
+  // Id of `key` (whose hash() is `h`), inserted if absent.
+  int insert(const int32_t* key, uint32_t h) {
+    if (2 * (n_keys_ + 1) > slots_.size()) grow();
+    for (std::size_t s = h & mask_;; s = (s + 1) & mask_) {
+      Slot& slot = slots_[s];
+      if (slot.id < 0) {
+        slot = Slot{static_cast<int32_t>(n_keys_), h};
+        keys_.insert(keys_.end(), key, key + key_size_);
+        return static_cast<int>(n_keys_++);
+      }
+      if (slot.hash == h && same_key(slot.id, key)) return slot.id;
+    }
+  }
+
+  // Id of `key` (whose hash() is `h`), or -1. Read-only: safe to call from several threads.
+  int find(const int32_t* key, uint32_t h) const {
+    for (std::size_t s = h & mask_;; s = (s + 1) & mask_) {
+      const Slot& slot = slots_[s];
+      if (slot.id < 0) return -1;
+      if (slot.hash == h && same_key(slot.id, key)) return slot.id;
+    }
+  }
+
+  // Look-ups are latency-bound (the table outgrows the caches): callers hash a batch of keys,
+  // prefetch their slots, then resolve them.
+  void prefetch(uint32_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
+
+ private:
+  struct Slot {
+    int32_t id;
+    uint32_t hash;
+  };
+
+  bool same_key(int id, const int32_t* key) const {
+    const int32_t* stored = this->key(id);
+    for (int i = 0; i < key_size_; ++i) {
+      if (stored[i] != key[i]) return false;
+    }
+    return true;
+  }
+
+  void grow() {
+    std::vector<Slot> old;
+    old.swap(slots_);
+    slots_.assign(old.size() * 2, Slot{-1, 0});
+    mask_ = slots_.size() - 1;
+    for (const Slot& slot : old) {
+      if (slot.id < 0) continue;
+      std::size_t s = slot.hash & mask_;
+      while (slots_[s].id >= 0) s = (s + 1) & mask_;
+      slots_[s] = slot;
+    }
+  }
+
+  int key_size_;
+  std::size_t n_keys_ = 0;
+  std::size_t mask_ = 0;
+  std::vector<Slot> slots_;
+  std::vector<int32_t> keys_;
+};
+
+}  // namespace crf
