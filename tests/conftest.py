@@ -1,0 +1,19 @@
+"""Shared test set-up: simulated devices for JAX, the real-photo data shipped beside the repo."""
+
+import os
+from pathlib import Path
+
+# Several CPU devices for sharding tests; must be set before JAX initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real COCO photos + annotations); CI has it too, so its absence is a failure."""
+    assert SHARED_DATA.is_dir(), f"real test data not found at {SHARED_DATA} (see DEVELOPERS.md)"
+    return SHARED_DATA
