@@ -124,8 +124,8 @@ def test_crf_params_v2_order():
         seen.update(kwargs)
         return probs
 
-    evaluation.crf_refine(np.zeros((2, 3, 3), np.uint8), np.full((2, 3, C), 0.25), evaluation.CRF_PARAMS["deeplab_v2"],
-                          n_iter=5, crf_fn=fake_crf)
+    evaluation.crf_refine(np.zeros((2, 3, 3), np.uint8), np.full((2, 3, C), 0.25),
+                          evaluation.CRF_PARAMS["deeplab_v2"], n_iter=5, crf_fn=fake_crf)
     assert seen == {"bi_w": 4.0, "bi_xy_std": 67.0, "bi_rgb_std": 3.0, "pos_w": 3.0, "pos_xy_std": 1.0, "n_iter": 5}
 
 
@@ -141,8 +141,10 @@ def test_bad_inputs(images):
     with pytest.raises(ValueError, match="crf_images must be uint8"):
         evaluation.predict(fake_model, jnp.asarray(images), crf_params=evaluation.CRF_PARAMS["deeplab_v1"])
     with pytest.raises(ValueError, match="params must be"):
-        evaluation.crf_refine(np.zeros((2, 3, 3), np.uint8), np.zeros((2, 3, C)), (4, 121, 5), crf_fn=lambda *a, **k: None)
+        evaluation.crf_refine(np.zeros((2, 3, 3), np.uint8), np.zeros((2, 3, C)), (4, 121, 5),
+                              crf_fn=lambda *a, **k: None)
     with pytest.raises(ValueError, match="image_rgb must be uint8"):
-        evaluation.crf_refine(np.zeros((2, 3, 3)), np.zeros((2, 3, C)), (4, 121, 5, 3, 3), crf_fn=lambda *a, **k: None)
+        evaluation.crf_refine(np.zeros((2, 3, 3)), np.zeros((2, 3, C)), (4, 121, 5, 3, 3),
+                              crf_fn=lambda *a, **k: None)
     with pytest.raises(ValueError, match="shrinks"):
         evaluation.scaled_size(1, 0.5)

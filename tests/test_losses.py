@@ -295,6 +295,9 @@ def test_jit_and_bad_inputs():
     f = jax.jit(lambda x, b, step: losses.segmentation_loss(x, b, kind="bootstrap", step=step, max_steps=10))
     loss, aux = f(jnp.asarray(scores), batch, 3)
     assert float(aux["beta"]) == pytest.approx(0.7**0.9, rel=1e-6) and np.isfinite(float(loss))
+    nal_jit = jax.jit(lambda x, b: losses.segmentation_loss(x, b, kind="nal")[0])(jnp.asarray(scores), batch)
+    nal_eager = losses.segmentation_loss(jnp.asarray(scores), batch, kind="nal")[0]
+    assert float(nal_jit) == pytest.approx(float(nal_eager), rel=1e-6)
     with pytest.raises(ValueError, match="kind must be one of"):
         losses.segmentation_loss(jnp.asarray(scores), batch, kind="focal")
     with pytest.raises(ValueError, match=r"scores must be \(B, h, w, C\)"):

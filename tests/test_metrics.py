@@ -18,7 +18,8 @@ CONF = np.array([[2, 1, 0],
 
 def test_confusion_matrix_by_hand():
     np.testing.assert_array_equal(metrics.confusion_matrix(PRED, LABEL, 3), CONF)
-    np.testing.assert_array_equal(np.asarray(metrics.confusion_matrix_jax(jnp.asarray(PRED), jnp.asarray(LABEL), 3)), CONF)
+    conf_jax = metrics.confusion_matrix_jax(jnp.asarray(PRED), jnp.asarray(LABEL), 3)
+    np.testing.assert_array_equal(np.asarray(conf_jax), CONF)
     assert metrics.confusion_matrix(PRED, LABEL, 3).dtype == np.int64
 
 
@@ -59,7 +60,8 @@ def test_random_against_pixel_loop():
         if g != 255:
             conf[g, p] += 1
     np.testing.assert_array_equal(metrics.confusion_matrix(pred, label, 21), conf)
-    np.testing.assert_array_equal(np.asarray(metrics.confusion_matrix_jax(jnp.asarray(pred), jnp.asarray(label), 21)), conf)
+    conf_jax = metrics.confusion_matrix_jax(jnp.asarray(pred), jnp.asarray(label), 21)
+    np.testing.assert_array_equal(np.asarray(conf_jax), conf)
     # IoU per class as set sizes.
     valid = label != 255
     for c in range(21):
