@@ -148,3 +148,21 @@ def test_bad_inputs(images):
                               crf_fn=lambda *a, **k: None)
     with pytest.raises(ValueError, match="shrinks"):
         evaluation.scaled_size(1, 0.5)
+
+
+def test_crf_refine_with_the_real_crf_matches_pydensecrf():
+    """The V1 parameters reach the CRF in the right places: compare with pydensecrf set up by hand."""
+    pydcrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_softmax
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    probs = rng.dirichlet(np.ones(4), size=(23, 31)).astype(np.float32)
+    got = evaluation.crf_refine(image, probs, evaluation.CRF_PARAMS["deeplab_v1"])
+    bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std = evaluation.CRF_PARAMS["deeplab_v1"]
+    crf = pydcrf.DenseCRF2D(31, 23, 4)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.transpose(2, 0, 1))))
+    crf.addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)
+    crf.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=image, compat=bi_w)
+    want = np.array(crf.inference(10)).reshape(4, 23, 31).transpose(1, 2, 0)
+    np.testing.assert_allclose(got, want, atol=1e-4)
