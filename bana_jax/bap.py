@@ -1,7 +1,7 @@
 """Stage 1 math: Background-Aware Pooling (BAP), the GAP baseline and the classification loss.
 
-Pure functions, jit-able with static shapes. The official PyTorch code loops over boxes and resamples
-each box's ROI at its own size; here every ROI is resampled on one fixed maximal grid
+Pure functions, jit-able with static shapes. The official PyTorch code loops over boxes and
+resamples each box's ROI at its own size; here every ROI is resampled on one fixed maximal grid
 `(max_roi_h, max_roi_w)` (default: the feature map size) and the rows/columns beyond the box's own
 ROI size are masked out, so a batch of padded boxes `(B, K, 4)` goes through one einsum.
 
@@ -191,7 +191,8 @@ def _bilinear_matrix(coords: jax.Array, size: int, count: jax.Array) -> jax.Arra
     w_lo = (lo + 1) - pix  # torch: (ix_se - ix)
     grid = jnp.arange(size, dtype=coords.dtype)
     lo = lo[..., None]
-    weights = jnp.where(grid == lo, w_lo[..., None], 0) + jnp.where(grid == lo + 1, w_hi[..., None], 0)
+    weights = (jnp.where(grid == lo, w_lo[..., None], 0)
+               + jnp.where(grid == lo + 1, w_hi[..., None], 0))
     row_valid = jnp.arange(coords.shape[-1]) < count[..., None]
     return weights * row_valid[..., None].astype(coords.dtype)
 
@@ -326,7 +327,9 @@ def _check_inputs(features, bg_mask, boxes, box_valid):
     if boxes.ndim != 3 or boxes.shape[0] != b or boxes.shape[2] != 4:
         raise ValueError(f"boxes must be (B={b}, K, 4), got shape {boxes.shape}")
     if box_valid is not None and box_valid.shape != boxes.shape[:2]:
-        raise ValueError(f"box_valid must be (B, K) = {boxes.shape[:2]}, got shape {box_valid.shape}")
+        raise ValueError(
+            f"box_valid must be (B, K) = {boxes.shape[:2]}, got shape {box_valid.shape}"
+        )
 
 
 def bap_vectors(
@@ -358,15 +361,16 @@ def bap_vectors(
       map_over_images: process images one at a time (`lax.map` + remat) to bound memory, rather than
         all at once; same result.
     Returns:
-      dict with fg_vectors `(B, K, O_h * O_w, D)`, bg_vectors `(B, N * N, D)`, cell_valid `(B, N * N)`,
-      use_bap `(B,)`, roi_h, roi_w `(B, K)`.
+      dict with fg_vectors `(B, K, O_h * O_w, D)`, bg_vectors `(B, N * N, D)`,
+      cell_valid `(B, N * N)`, use_bap `(B,)`, roi_h, roi_w `(B, K)`.
     """
     _check_inputs(features, bg_mask, boxes, box_valid)
     if pooling not in ("bap", "gap"):
         raise ValueError(f"pooling must be 'bap' or 'gap', got {pooling!r}")
     feature_hw = features.shape[1:3]
     if box_valid is not None:
-        boxes = jnp.where(box_valid[..., None], boxes, jnp.array([-1.0, -1.0, 1.0, 1.0], boxes.dtype))
+        whole_image = jnp.array([-1.0, -1.0, 1.0, 1.0], boxes.dtype)
+        boxes = jnp.where(box_valid[..., None], boxes, whole_image)
     small_mask = downsample_mask(bg_mask, feature_hw).astype(features.dtype)
     prototypes, cell_valid = grid_background_prototypes(features, small_mask, grid_size)
     if pooling == "bap":
@@ -388,7 +392,8 @@ def bap_vectors(
             out = pool(*jax.tree.map(lambda x: x[None], args))
             return jax.tree.map(lambda x: x[0], out)
 
-        fg, roi_h, roi_w = jax.lax.map(one_image, (features, boxes, prototypes, cell_valid, use_bap))
+        per_image = (features, boxes, prototypes, cell_valid, use_bap)
+        fg, roi_h, roi_w = jax.lax.map(one_image, per_image)
     else:
         fg, roi_h, roi_w = pool(features, boxes, prototypes, cell_valid, use_bap)
     return {
@@ -399,6 +404,11 @@ def bap_vectors(
         "roi_h": roi_h,
         "roi_w": roi_w,
     }
+
+
+def classify(vectors: jax.Array, classifier_weight: jax.Array, *, precision: Any = HIGHEST):
+    """Bias-free linear classifier: `(..., D) @ (D, C) -> (..., C)` logits."""
+    return jnp.einsum("...d,dc->...c", vectors, classifier_weight, precision=precision)
 
 
 def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -422,10 +432,10 @@ def bap_loss(
     map_over_images: bool = False,
     precision: Any = HIGHEST,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Stage-1 loss: softmax cross-entropy averaged over all foreground and valid background vectors.
+    """Stage-1 loss: softmax cross-entropy averaged over foreground and valid background vectors.
 
-    Every valid box gives O_h * O_w foreground vectors labelled with its class; every valid grid cell
-    gives one background vector (class 0). The classifier is a bias-free dot product.
+    Every valid box gives O_h * O_w foreground vectors labelled with its class; every valid grid
+    cell gives one background vector (class 0). The classifier is a bias-free dot product.
 
     Args:
       features `(B, h, w, D)`, bg_mask `(B, S, S)`, boxes `(B, K, 4)` normalised,
@@ -444,14 +454,16 @@ def bap_loss(
             f"classifier_weight must be (D={d}, C), got shape {classifier_weight.shape}"
         )
     if box_labels.shape != boxes.shape[:2]:
-        raise ValueError(f"box_labels must be (B, K) = {boxes.shape[:2]}, got shape {box_labels.shape}")
+        raise ValueError(
+            f"box_labels must be (B, K) = {boxes.shape[:2]}, got shape {box_labels.shape}"
+        )
     vec = bap_vectors(
         features, bg_mask, boxes, box_valid,
         grid_size=grid_size, pooling=pooling, bg_threshold=bg_threshold, roi_output=roi_output,
         max_roi_hw=max_roi_hw, map_over_images=map_over_images, precision=precision,
     )
-    fg_logits = jnp.einsum("bkrd,dc->bkrc", vec["fg_vectors"], classifier_weight, precision=precision)
-    bg_logits = jnp.einsum("bmd,dc->bmc", vec["bg_vectors"], classifier_weight, precision=precision)
+    fg_logits = classify(vec["fg_vectors"], classifier_weight, precision=precision)
+    bg_logits = classify(vec["bg_vectors"], classifier_weight, precision=precision)
 
     box_valid = box_valid.astype(bool)
     labels = jnp.where(box_valid, box_labels, 0).astype(jnp.int32)
@@ -539,8 +551,8 @@ def cam_precision_counts(
     """
     if cams.ndim != 4 or cams.shape[:3] != label.shape:
         raise ValueError(
-            f"cams must be (B, H, W, C) and label (B, H, W) with the same B, H, W; got {cams.shape} "
-            f"and {label.shape}"
+            "cams must be (B, H, W, C) and label (B, H, W) with the same B, H, W; "
+            f"got {cams.shape} and {label.shape}"
         )
     num_classes = cams.shape[-1]
     keep = (label != ignore_index).astype(cams.dtype)

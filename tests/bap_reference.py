@@ -139,8 +139,8 @@ def stage1_reference(features, bg_mask, boxes, box_labels, box_valid, classifier
         for j, (p, ok) in enumerate(cells):
             if ok:
                 bg_vectors[(b, j)] = p
-        bap = (pooling == "bap" and float(np.mean(np.asarray(bg_mask[b], np.float64))) > bg_threshold
-               and len(valid_protos) > 0)
+        bg_fraction = float(np.mean(np.asarray(bg_mask[b], np.float64)))
+        bap = pooling == "bap" and bg_fraction > bg_threshold and len(valid_protos) > 0
         use_bap.append(bap)
         for k in range(boxes.shape[1]):
             if not box_valid[b, k]:

@@ -156,6 +156,12 @@ def test_matches_numpy_reference(batch, grid_size, pooling):
     logits = np.stack(reference["logits"])
     acc = np.mean(np.argmax(logits, -1) == np.asarray(reference["targets"]))
     assert abs(float(aux["accuracy"]) - acc) < 1e-6
+    # Ground-truth box classification: window-averaged logits, argmax over classes 1..C-1.
+    weight = batch["classifier_weight"].astype(np.float64)
+    box_hits = [np.argmax((vecs @ weight).mean(0)[1:]) + 1 == batch["box_labels"][b, k]
+                for (b, k), vecs in reference["fg_vectors"].items()]
+    assert abs(float(aux["box_accuracy"]) - np.mean(box_hits)) < 1e-6
+    assert float(aux["num_boxes"]) == len(box_hits)
 
 
 def test_map_over_images_same(batch):
