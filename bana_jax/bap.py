@@ -210,8 +210,8 @@ def roi_sampling_matrices(
     Args:
       boxes: `(B, K, 4)` normalised.
       feature_hw: (h, w).
-      max_roi_hw: fixed ROI grid (default (h, w)); larger ROIs are clipped to it (a box inside
-        [-1, 1] has ROI sizes of at most h - 1, w - 1).
+      max_roi_hw: fixed ROI grid (default (h, w)). A larger ROI size is reduced to it (the box is
+        then resampled at fewer points); a box inside [-1, 1] has ROI sizes of at most h - 1, w - 1.
     Returns:
       rows `(B, K, max_h, h)`, cols `(B, K, max_w, w)`, roi_h `(B, K)`, roi_w `(B, K)` int32.
     """
