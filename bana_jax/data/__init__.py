@@ -1,0 +1,1 @@
+"""Data: sources (synthetic, COCO, VOC+SBD), transforms, batching and loading."""
