@@ -183,3 +183,18 @@ def make_sample(image, boxes, box_labels, label, sample_id, bg_mask=None) -> dic
             raise DataError(sample_id, f"bg mask shape {bg_mask.shape} differs from image {(h, w)}")
         s["bg_mask"] = bg_mask
     return s
+
+
+def load_or_skip(load, index: int, length: int, skip_bad: bool, stats: BoxStats,
+                 max_tries: int = 100) -> dict:
+    """`load(index)`; with `skip_bad`, a :class:`DataError` is logged and counted and the next
+    index (cyclically) is tried instead, so a random-access source never fails mid-epoch."""
+    for attempt in range(min(length, max_tries)):
+        try:
+            return load((index + attempt) % length)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            log.warning("skipping bad sample: %s", e)
+            stats.skipped_samples.append(str(e))
+    raise DataError(f"index {index}", f"{min(length, max_tries)} consecutive bad samples")
