@@ -33,7 +33,7 @@ def pad_boxes(sample: dict, max_boxes: int) -> dict:
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = np.sort(np.argsort(-area, kind="stable")[:max_boxes])
         boxes, labels = boxes[keep], labels[keep]
-        log.warning("sample %s: %d boxes, dropped the %d smallest (max_boxes=%d)",
+        log.debug("sample %s: %d boxes, dropped the %d smallest (max_boxes=%d)",
                     sample.get("id", "?"), n, dropped, max_boxes)
     k = len(boxes)
     out = dict(sample)
