@@ -1,0 +1,155 @@
+"""Training-batch loading with grain: worker processes, prefetch, per-host sharding, checkpointable
+position, epoch-wise shuffling from a seed.
+
+    source = make_source(config.data)                  # synthetic / voc / coco
+    loader = make_train_loader(source, config.data)    # grain.DataLoader
+    it = iter(loader)                                  # batches: see batching.py
+    state = it.get_state(); ...; it2 = iter(loader); it2.set_state(state)   # resume
+
+Randomness: the sampler shuffles the index with `seed` anew each epoch; each record's augmentation
+draws from a Generator that grain derives from `seed` and the record's position, so batches do not
+depend on the worker count and a resumed iterator sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import grain.python as grain
+import numpy as np
+
+from bana_jax.data import batching, transforms
+from bana_jax.data.common import DataError, read_index_png
+
+log = logging.getLogger(__name__)
+
+
+class WithPixelMaps:
+    """Adds per-pixel maps read from `<dir>/<id>.png` to another source's samples (stage 3:
+    `{"y_crf": dir1, "y_ret": dir2}`), each checked against the image size."""
+
+    def __init__(self, source, map_dirs: dict[str, str]):
+        self.source, self.map_dirs = source, dict(map_dirs)
+        self.class_names = getattr(source, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.source[index])
+        h, w = sample["image"].shape[:2]
+        for key, folder in self.map_dirs.items():
+            path = os.path.join(folder, f"{sample['id']}.png")
+            m = read_index_png(path)
+            if m.shape != (h, w):
+                raise DataError(path, f"{key} is {m.shape} but the image is {(h, w)}")
+            sample[key] = m
+        return sample
+
+
+class TrainTransform(grain.RandomMapTransform):
+    """Raw sample -> network-ready sample with boxes padded to `max_boxes` (per record)."""
+
+    def __init__(self, aug: transforms.AugmentConfig, max_boxes: int):
+        self.aug, self.max_boxes = aug, max_boxes
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        return batching.pad_boxes(transforms.train_transform(element, rng, self.aug),
+                                  self.max_boxes)
+
+
+def _get(cfg, name, default):
+    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+
+
+def make_source(cfg):
+    """A random-access source from a data config (ConfigDict, dict or object with attributes).
+
+    Fields: `name` ("synthetic" | "voc" | "coco"); synthetic: `num_images`, `image_size`,
+    `num_classes`, `synthetic_seed`; voc/coco: `root`, `split`, `skip_bad`; coco: `category_set`;
+    optional `pseudo_label_dirs` ({"y_crf": dir, "y_ret": dir}) for stage 3.
+    """
+    name = _get(cfg, "name", "synthetic")
+    if name == "synthetic":
+        from bana_jax.data.synthetic import SyntheticConfig, SyntheticSource
+
+        source = SyntheticSource(SyntheticConfig(
+            num_images=_get(cfg, "num_images", 200), image_size=_get(cfg, "image_size", 112),
+            num_classes=_get(cfg, "num_classes", 4), seed=_get(cfg, "synthetic_seed", 0)))
+    elif name == "voc":
+        from bana_jax.data.voc import VocSource
+
+        source = VocSource(_get(cfg, "root", None), split=_get(cfg, "split", "train_aug"),
+                           skip_bad=_get(cfg, "skip_bad", False))
+    elif name == "coco":
+        from bana_jax.data.coco import CocoSource
+
+        source = CocoSource(_get(cfg, "root", None), split=_get(cfg, "split", "train2017"),
+                            category_set=_get(cfg, "category_set", "voc20"),
+                            skip_bad=_get(cfg, "skip_bad", False))
+    else:
+        raise ValueError(f"data.name must be 'synthetic', 'voc' or 'coco', got {name!r}")
+    pseudo = _get(cfg, "pseudo_label_dirs", None)
+    return WithPixelMaps(source, dict(pseudo)) if pseudo else source
+
+
+def _shard(shard_index, shard_count) -> grain.ShardOptions:
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    return grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
+                              drop_remainder=True)
+
+
+def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
+                      crop_size: int | None = None, max_boxes: int | None = None,
+                      seed: int | None = None, num_epochs: int | None = None,
+                      worker_count: int | None = None, prefetch: int | None = None,
+                      shard_index: int | None = None, shard_count: int | None = None,
+                      aug: transforms.AugmentConfig | None = None) -> grain.DataLoader:
+    """A grain DataLoader of training batches (batching.py layout), `batch_size` per host.
+
+    Keyword arguments override the config fields of the same name (`batch_size`, `crop_size`,
+    `max_boxes`, `seed`, `num_epochs` (None = forever), `worker_count`, `prefetch` (batches each
+    worker buffers), `scale_range`, `flip_prob`, `jitter`). Sharding defaults to
+    jax.process_index() / jax.process_count(); each host sees a disjoint part of every epoch.
+    """
+    cfg = cfg if cfg is not None else {}
+    pick = lambda v, name, default: v if v is not None else _get(cfg, name, default)  # noqa: E731
+    batch_size = pick(batch_size, "batch_size", 8)
+    crop_size = pick(crop_size, "crop_size", 321)
+    max_boxes = pick(max_boxes, "max_boxes", 16)
+    seed = pick(seed, "seed", 0)
+    num_epochs = pick(num_epochs, "num_epochs", None)
+    worker_count = pick(worker_count, "worker_count", 0)
+    prefetch = pick(prefetch, "prefetch", 2)
+    if aug is None:
+        aug = transforms.AugmentConfig(
+            crop_size=crop_size, scale_range=tuple(_get(cfg, "scale_range", (0.5, 1.5))),
+            flip_prob=_get(cfg, "flip_prob", 0.5), jitter=_get(cfg, "jitter", 0.5))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sampler = grain.IndexSampler(num_records=len(source), shard_options=_shard(shard_index, shard_count),
+                                 shuffle=True, num_epochs=num_epochs, seed=seed)
+    if worker_count:
+        # grain's worker processes read absl flags; a program that never parsed them (pytest, a
+        # notebook) would fail with UnparsedFlagAccessError.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+    operations = [TrainTransform(aug, max_boxes),
+                  grain.Batch(batch_size, drop_remainder=True, batch_fn=batching.collate)]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=worker_count, worker_buffer_size=prefetch,
+                            read_options=grain.ReadOptions(num_threads=1 if worker_count else 2,
+                                                           prefetch_buffer_size=4 * batch_size))
+
+
+def train_batches(cfg):
+    """An iterator of training batches for a data config (make_source + make_train_loader)."""
+    return iter(make_train_loader(make_source(cfg), cfg))

@@ -1,0 +1,132 @@
+"""tfds builders for VOC 2012 + SBD and MS-COCO from a local `manual_dir`, without TensorFlow.
+
+Written as `array_record` (the tfrecord writer needs TensorFlow) and read back with
+`builder.as_data_source()`, which grain consumes directly. Images are stored as their encoded file
+bytes (decoded with PIL when read); label maps as uint8 index arrays (zlib), never as PNGs, since
+with OpenCV installed tfds decodes palette PNGs to colours.
+
+    builder = VocSbd(data_dir=..., config="default")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root),
+                                 file_format="array_record")
+    source = TfdsSource(builder.as_data_source(split="train_aug"))   # raw sample dicts
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from bana_jax.data.common import VOC_CLASSES
+
+
+def _features(with_label: bool = True):
+    feats = dict(
+        image_bytes=tfds.features.Tensor(shape=(), dtype=np.object_),
+        boxes=tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+        box_labels=tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        id=tfds.features.Text(),
+    )
+    if with_label:
+        feats["label"] = tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="zlib")
+    return tfds.features.FeaturesDict(feats)
+
+
+def _example(sample: dict, image_path: str) -> dict:
+    with open(image_path, "rb") as f:
+        data = f.read()
+    ex = dict(image_bytes=data, boxes=sample["boxes"], box_labels=sample["box_labels"],
+              id=sample["id"])
+    if "label" in sample:
+        ex["label"] = sample["label"]
+    return ex
+
+
+class VocSbd(tfds.core.GeneratorBasedBuilder):
+    """PASCAL VOC 2012 + SBD (method.md layout) from manual_dir."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Place the VOC 2012 + SBD tree (JPEGImages/, Annotations/, "
+                                    "SegmentationClassAug/, ImageSets/Segmentation/) in manual_dir.")
+    SPLITS = ("train_aug", "val")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=_features(),
+                                     description="PASCAL VOC 2012 + SBD, boxes and labels.")
+
+    def _split_generators(self, dl_manager):
+        root = os.fspath(dl_manager.manual_dir)
+        lists = os.path.join(root, "ImageSets", "Segmentation")
+        return {s: self._generate_examples(root, s) for s in self.SPLITS
+                if os.path.isfile(os.path.join(lists, f"{s}.txt"))}
+
+    def _generate_examples(self, root, split):
+        from bana_jax.data.voc import VocSource
+
+        source = VocSource(root, split=split)
+        for i in range(len(source)):
+            sample = source[i]
+            yield sample["id"], _example(sample, os.path.join(root, "JPEGImages",
+                                                              f"{sample['id']}.jpg"))
+
+
+class CocoBoxes(tfds.core.GeneratorBasedBuilder):
+    """MS-COCO 2017 boxes and semantic labels (category set from the config name) from
+    manual_dir (annotations/instances_<split>.json and <split>/)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="voc20"), tfds.core.BuilderConfig(name="all80")]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Place COCO 2017 (annotations/, train2017/, val2017/) in manual_dir."
+    SPLITS = ("train2017", "val2017")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=_features(),
+                                     description="MS-COCO 2017 boxes and semantic labels.")
+
+    def _split_generators(self, dl_manager):
+        root = os.fspath(dl_manager.manual_dir)
+        return {s: self._generate_examples(root, s) for s in self.SPLITS
+                if os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json"))}
+
+    def _generate_examples(self, root, split):
+        from bana_jax.data.coco import CocoSource
+
+        source = CocoSource(root, split=split, category_set=self.builder_config.name)
+        for i in range(len(source)):
+            sample = source[i]
+            info = source.images[source.ids[i]]
+            yield sample["id"], _example(sample, os.path.join(source.image_dir, info["file_name"]))
+
+
+class TfdsSource:
+    """Raw sample dicts from a tfds data source written by the builders above."""
+
+    def __init__(self, data_source, class_names=VOC_CLASSES, convert_modes: bool = False):
+        self.data_source, self.class_names, self.convert_modes = data_source, class_names, convert_modes
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        from bana_jax.data.common import DataError, check_rgb
+
+        ex = self.data_source[int(index)]
+        sid = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
+        try:
+            with Image.open(io.BytesIO(ex["image_bytes"])) as im:
+                im.load()
+                mode = im.mode
+                if self.convert_modes and mode not in ("RGB", "L"):
+                    im, mode = im.convert("RGB"), "RGB"
+                image = np.ascontiguousarray(check_rgb(np.asarray(im), mode, sid, False))
+        except OSError as e:
+            raise DataError(sid, f"stored image is unreadable ({e})") from None
+        out = dict(image=image, boxes=np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
+                   box_labels=np.asarray(ex["box_labels"], np.int32), id=sid)
+        if "label" in ex:
+            out["label"] = np.asarray(ex["label"], np.uint8)
+        return out

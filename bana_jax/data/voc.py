@@ -1,0 +1,120 @@
+"""PASCAL VOC 2012 + SBD in the layout of method.md.
+
+    root/JPEGImages/<id>.jpg
+    root/Annotations/<id>.xml                 boxes of all objects (difficult ones included)
+    root/SegmentationClassAug/<id>.png        label map, palette or 8-bit; 255 = ignore
+    root/ImageSets/Segmentation/<split>.txt   one id per line (train_aug, val, test)
+    root/BgMaskfromBoxes/<id>.png             optional: 1 (or 255) outside every box
+
+VOC XML boxes are 1-based inclusive pixel indices; they become 0-based inclusive (minus 1). When
+`BgMaskfromBoxes/` is absent the background mask is computed from the boxes by the transforms.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+
+from bana_jax.data.common import (VOC_CLASSES, BoxStats, DataError, load_or_skip, read_image,
+                                  read_index_png, sanitize_boxes)
+
+CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
+
+
+def read_id_list(path) -> list[str]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(path, "image-id list not found")
+    with open(path) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    if not ids:
+        raise DataError(path, "image-id list is empty")
+    return ids
+
+
+def parse_voc_xml(path) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
+    """Boxes (K, 4) 0-based inclusive, labels (K,) in 1..20, and (H, W) from <size> if given."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(path, "annotation file not found")
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise DataError(path, f"malformed XML ({e})") from None
+    boxes, labels = [], []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in CLASS_INDEX or name == "background":
+            raise DataError(path, f"unknown class name {name!r}; expected one of the 20 VOC "
+                                  f"classes")
+        bb = obj.find("bndbox")
+        try:
+            coords = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError):
+            raise DataError(path, f"object {name!r} has a missing or non-numeric bndbox") from None
+        boxes.append([c - 1 for c in coords])
+        labels.append(CLASS_INDEX[name])
+    size = None
+    try:
+        size = (int(root.findtext("size/height")), int(root.findtext("size/width")))
+    except (TypeError, ValueError):
+        pass
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32), size)
+
+
+class VocSource:
+    """Random-access VOC(+SBD) samples (raw sample dicts, see common.py).
+
+    with_label: read `SegmentationClassAug/<id>.png` (must exist); skip_bad: log and skip bad
+    samples instead of raising; convert_modes: convert RGBA/CMYK/16-bit images instead of failing.
+    """
+
+    def __init__(self, root, split: str = "train_aug", with_label: bool = True,
+                 skip_bad: bool = False, convert_modes: bool = False,
+                 label_dir: str = "SegmentationClassAug", bg_mask_dir: str = "BgMaskfromBoxes"):
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise DataError(self.root, "VOC root directory not found")
+        self.ids = read_id_list(os.path.join(self.root, "ImageSets", "Segmentation", f"{split}.txt"))
+        self.with_label, self.skip_bad, self.convert_modes = with_label, skip_bad, convert_modes
+        self.label_dir = os.path.join(self.root, label_dir)
+        bg_dir = os.path.join(self.root, bg_mask_dir)
+        self.bg_mask_dir = bg_dir if os.path.isdir(bg_dir) else None
+        self.class_names = VOC_CLASSES
+        self.stats = BoxStats()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return load_or_skip(self._load, int(index), len(self), self.skip_bad, self.stats)
+
+    def _load(self, index: int) -> dict:
+        sid = self.ids[index]
+        image_path = os.path.join(self.root, "JPEGImages", f"{sid}.jpg")
+        xml_path = os.path.join(self.root, "Annotations", f"{sid}.xml")
+        image = read_image(image_path, self.convert_modes)
+        h, w = image.shape[:2]
+        boxes, labels, size = parse_voc_xml(xml_path)
+        if size is not None and size != (h, w) and size != (0, 0):
+            raise DataError(xml_path, f"<size> says {size[0]}x{size[1]} but the image is {h}x{w}")
+        boxes, labels = sanitize_boxes(boxes, labels, h, w, self.stats)
+        sample = dict(image=image, boxes=boxes, box_labels=labels, id=sid)
+        if self.with_label:
+            path = os.path.join(self.label_dir, f"{sid}.png")
+            label = read_index_png(path)
+            if label.shape != (h, w):
+                raise DataError(path, f"label map is {label.shape} but the image is {(h, w)}")
+            sample["label"] = label
+        if self.bg_mask_dir is not None:
+            path = os.path.join(self.bg_mask_dir, f"{sid}.png")
+            if os.path.isfile(path):
+                mask = read_index_png(path)
+                if mask.shape != (h, w):
+                    raise DataError(path, f"background mask is {mask.shape}, image {(h, w)}")
+                if not np.isin(mask, (0, 1, 255)).all():
+                    raise DataError(path, "background mask values must be 0/1 (or 0/255)")
+                sample["bg_mask"] = (mask > 0).astype(np.uint8)
+        return sample
