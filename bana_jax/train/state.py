@@ -121,14 +121,17 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, lo
     def train_step(state: TrainState, batch):
         rngs = step_rngs(rng_template, state.rng, state.step)
 
-        def compute_loss(params):
-            model = nnx.merge(graphdef, params, rngs, state.model_state)
-            loss, metrics = loss_fn(model, batch, state.step)
+        def compute_loss(params, rngs, model_state, batch, step):
+            # Fresh Variable objects at the gradient's trace level (NNX refuses to mutate
+            # BatchNorm statistics through variables created at an outer trace).
+            rngs, model_state = jax.tree.map(lambda x: x, (rngs, model_state))
+            model = nnx.merge(graphdef, params, rngs, model_state)
+            loss, metrics = loss_fn(model, batch, step)
             _, _, _, new_model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
             return loss, (dict(metrics), new_model_state)
 
-        (loss, (metrics, model_state)), grads = jax.value_and_grad(
-            compute_loss, has_aux=True)(state.params)
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+            state.params, rngs, state.model_state, batch, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["loss"] = loss
