@@ -309,8 +309,11 @@ def parse_value(name: str, raw: str, current: Any) -> Any:
         if not isinstance(value, (tuple, list)):
             value = (value,)
         if current:
-            value = tuple(parse_value(name, str(v), current[0]) if isinstance(v, str)
-                          and not isinstance(current[0], str) else v for v in value)
+            try:
+                value = tuple(parse_value(name, str(v), current[0]) if isinstance(v, str)
+                              and not isinstance(current[0], str) else v for v in value)
+            except ConfigError:
+                fail(f"a tuple of {type(current[0]).__name__}")
             if isinstance(current[0], float):
                 value = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool)
                               else v for v in value)
