@@ -182,3 +182,22 @@ def test_batch_size_must_split_over_devices(cache_dir, tmp_path):
         config.data.batch_size = 12
     with pytest.raises(ValueError, match="data.batch_size=12"):
         train_loop(config, tmp_path, ToyNet(), toy_loss, ToyIterator(), TOY_LABELS)
+
+
+def test_metric_logger_jsonl_rates_and_eta(tmp_path, monkeypatch):
+    from bana_jax.train import metrics_log
+    clock = iter([100.0, 102.0, 106.0, 200.0, 201.0])
+    monkeypatch.setattr(metrics_log.time, "perf_counter", lambda: next(clock))
+    log = metrics_log.MetricLogger(tmp_path, total_steps=100, initial_step=10,
+                                   tensorboard=True, progress_bar=True)
+    first = log.write(20, {"loss": 2.0, "lr": 0.1}, images=40)   # 10 steps in 2 s
+    second = log.write(25, {"loss": 1.0, "lr": 0.1}, images=20)  # 5 steps in 4 s
+    log.close()
+    assert first["images_per_s"] == pytest.approx(20.0) and first["eta_s"] == pytest.approx(16.0)
+    assert second["images_per_s"] == pytest.approx(5.0) and second["eta_s"] == pytest.approx(60.0)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [20, 25] and lines[1]["loss"] == 1.0
+    assert metrics_log.format_seconds(3725) == "1:02:05"
+    disabled = metrics_log.MetricLogger(tmp_path / "other", 10, 0, enabled=False)
+    disabled.write(1, {"loss": 1.0})
+    assert not (tmp_path / "other").exists()
