@@ -99,3 +99,31 @@ def test_labels_must_cover_params_and_name_known_groups():
         check_labels({"a": "pretrained_weight", "b": "new_wieght"}, params, tuple(GROUPS))
     with pytest.raises(ValueError, match="without a label"):
         check_labels({"a": "pretrained_weight"}, params, tuple(GROUPS))
+
+
+def test_label_tree_accepts_state_dict_and_callable():
+    from flax import nnx
+
+    from bana_jax.train.state import label_tree
+
+    class Two(nnx.Module):
+        def __init__(self):
+            rngs = nnx.Rngs(0)
+            self.layers = nnx.List([nnx.Linear(2, 2, rngs=rngs), nnx.Linear(2, 1, rngs=rngs)])
+
+    params = nnx.state(Two(), nnx.Param)
+    as_dict = {"layers": {0: {"kernel": "pretrained_weight", "bias": "pretrained_bias"},
+                          1: {"kernel": "new_weight", "bias": "new_bias"}}}
+    as_state = jax.tree_util.tree_map_with_path(
+        lambda path, _: "y" if "kernel" in jax.tree_util.keystr(path) and "[1]" in
+        jax.tree_util.keystr(path) else "x", params)
+    for labels, expected in [(as_dict, ["pretrained_bias", "pretrained_weight", "new_bias",
+                                        "new_weight"]),
+                             (as_state, ["x", "x", "x", "y"]),
+                             (lambda p: as_dict, ["pretrained_bias", "pretrained_weight",
+                                                  "new_bias", "new_weight"])]:
+        tree = label_tree(params, labels)
+        assert jax.tree.structure(tree) == jax.tree.structure(params)
+        assert jax.tree.leaves(tree) == expected
+    with pytest.raises(ValueError, match="no group for parameters.*layers/1/bias"):
+        label_tree(params, {"layers": {0: as_dict["layers"][0], 1: {"kernel": "new_weight"}}})
