@@ -1,0 +1,177 @@
+"""The `bana` command line.
+
+    bana SUBCOMMAND --config=PATH.py[:ARG] --workdir=DIR [--config.group.field=VALUE ...] [--shrink]
+
+Subcommands dispatch to `main(config, workdir)` in their module:
+
+    demo           bana_jax.demo          whole pipeline on synthetic data (CPU, minutes)
+    stage1         bana_jax.stage1        train the BAP classification network
+    stage2         bana_jax.stage2        pseudo labels Y_crf / Y_ret from a stage-1 run
+    stage3         bana_jax.stage3        train DeepLab with the noise-aware loss
+    evaluate       bana_jax.evaluate      score a stage-3 checkpoint (mIoU, CRF, multi-scale)
+    evaluate-cams  bana_jax.evaluate_cams CAM precision / box classification of a stage-1 run
+    compare-torch  bana_jax.compare_torch compare with the official PyTorch code / checkpoints
+
+`--config.a.b=v` (or `--config.a.b v`) sets a field; the value is parsed with the field's type
+(booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`). Unknown fields and wrong types fail
+before anything runs. `--shrink` sizes the run for a quick local try; `--print-config` prints
+the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+SUBCOMMANDS = {
+    # name: (module, help)
+    "demo": ("bana_jax.demo", "run the whole method on the embedded synthetic dataset"),
+    "stage1": ("bana_jax.stage1", "train the stage-1 classification network (BAP)"),
+    "stage2": ("bana_jax.stage2", "generate pseudo labels (Y_crf, Y_ret) from a stage-1 run"),
+    "stage3": ("bana_jax.stage3", "train DeepLab-V1/V2 with the noise-aware loss"),
+    "evaluate": ("bana_jax.evaluate", "evaluate a segmentation checkpoint (mIoU)"),
+    "evaluate-cams": ("bana_jax.evaluate_cams",
+                      "CAM precision and box classification accuracy of a stage-1 run"),
+    "compare-torch": ("bana_jax.compare_torch",
+                      "compare against the official PyTorch implementation"),
+}
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = {"demo": "configs/demo/demo.py"}
+DEFAULT_WORKDIRS = {"demo": "bana_demo"}
+
+
+class CliError(Exception):
+    """A usage error: printed as `bana: error: ...`, exit status 2."""
+
+
+def _default_config_path(command: str) -> str | None:
+    relative = DEFAULT_CONFIGS.get(command)
+    if relative is None:
+        return None
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / relative).is_file():
+            return str(base / relative)
+    return str(REPO_ROOT / relative)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bana",
+        description="BANA (box-supervised semantic segmentation, CVPR 2021) in JAX.",
+        epilog="Config fields: --config.GROUP.FIELD=VALUE, groups data, model, optim, train, "
+               "loss, pseudo, crf, eval (see bana_jax/train/config.py).")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    sub.required = True
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name, help=help_text, description=f"{help_text} ({module}.main)",
+            epilog="Override any config field with --config.GROUP.FIELD=VALUE, e.g. "
+                   "--config.train.num_steps=100 --config.data.batch_size=8.")
+        default_config = DEFAULT_CONFIGS.get(name)
+        p.add_argument("--config", default=None, required=default_config is None,
+                       metavar="PATH.py[:ARG]",
+                       help="config file defining get_config()"
+                            + (f" (default: {default_config})" if default_config else ""))
+        default_workdir = DEFAULT_WORKDIRS.get(name)
+        p.add_argument("--workdir", default=default_workdir, required=default_workdir is None,
+                       help="run directory (checkpoints, logs, outputs)"
+                            + (f" (default: ./{default_workdir})" if default_workdir else ""))
+        p.add_argument("--shrink", action="store_true",
+                       help="shrink the config for a quick local run (few steps, tiny batches)")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config and exit")
+    return parser
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" in body:
+                name, value = body.split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    raise CliError(f"{arg} needs a value ({arg}=VALUE)")
+                name, value = body, args[i + 1]
+                i += 1
+            if not name:
+                raise CliError(f"{arg}: missing field name")
+            overrides.append((name, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def resolve_config(config_path: str, overrides: Sequence[tuple[str, str]], shrink: bool):
+    """Loads, overrides, shrinks and validates a config (a ConfigError names the bad field)."""
+    from bana_jax.train.config import (apply_overrides, load_config, shrink_config,
+                                       validate_config)
+    config = load_config(config_path)
+    config = apply_overrides(config, overrides)
+    if shrink:
+        config = shrink_config(config)
+    return validate_config(config)
+
+
+def resolve_command(command: str) -> Callable:
+    """`main(config, workdir)` of the subcommand's module; CliError if it is not there yet."""
+    module_name, _ = SUBCOMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise  # the module exists but one of its imports is missing: a real error
+        raise CliError(f"'bana {command}' is not implemented yet: module {module_name} does "
+                       "not exist") from None
+    main_fn = getattr(module, "main", None)
+    if not callable(main_fn):
+        raise CliError(f"'bana {command}' is not implemented yet: {module_name}.main is missing")
+    return main_fn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        rest, overrides = split_overrides(argv)
+    except CliError as err:
+        parser.print_usage(sys.stderr)
+        print(f"bana: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(rest)  # exits with status 2 on usage errors, 0 on --help
+
+    from bana_jax.train.config import ConfigError
+    config_path = args.config or _default_config_path(args.command)
+    try:
+        config = resolve_config(config_path, overrides, args.shrink)
+    except ConfigError as err:
+        print(f"bana {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config)
+        return 0
+    try:
+        command_main = resolve_command(args.command)
+    except CliError as err:
+        print(f"bana: error: {err}", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from bana_jax.train.mesh import maybe_initialize_distributed
+    maybe_initialize_distributed()  # before anything touches the devices
+    result = command_main(config, args.workdir)
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

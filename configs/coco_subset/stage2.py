@@ -1,0 +1,41 @@
+"""Any COCO-format folder, 20 VOC classes, stage 2: pseudo labels from a coco_subset stage-1 run.
+
+    bana stage2 --config=configs/coco_subset/stage2.py --workdir=runs/coco128_stage2 \
+        --config.data.images=../shared/data/coco128/images \
+        --config.data.annotations=../shared/data/coco128/instances.json \
+        --config.pseudo.stage1_workdir=runs/coco128_stage1
+
+Pseudo labels are scored against the masks in the annotations (as BANA does on VOC train).
+"""
+
+from bana_jax.train.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.stage = "stage2"
+    config.data.name = "coco_subset"
+    config.data.images = ""
+    config.data.annotations = ""
+    config.data.classes = "voc"
+    config.data.batch_size = 1
+
+    config.model.name = "efficientnet_lite0_labeler"
+    config.model.init = "none"             # weights from the stage-1 checkpoint
+    config.model.num_classes = 21
+
+    config.pseudo.stage1_workdir = ""
+    config.pseudo.split = "train"
+    config.pseudo.grid_size = 1
+    config.pseudo.bg_threshold = 0.99
+    config.pseudo.use_u0 = True
+    config.pseudo.save_visualisations = True
+
+    config.crf.iterations = 10
+    config.crf.bi_w = 4.0
+    config.crf.bi_xy_std = 55.0
+    config.crf.bi_rgb_std = 3.0
+    config.crf.pos_w = 3.0
+    config.crf.pos_xy_std = 3.0
+    config.eval.split = "train"
+    return config

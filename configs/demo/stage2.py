@@ -1,0 +1,25 @@
+"""Demo, stage 2: pseudo labels on the synthetic dataset (official CRF parameters)."""
+
+from bana_jax.train.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.stage = "stage2"
+    config.data.name = "synthetic"
+    config.data.split = "train"
+    config.data.synthetic_images = 64
+    config.data.synthetic_size = 64
+    config.data.batch_size = 1
+    config.data.max_boxes = 4
+    config.data.num_workers = 0
+
+    config.model.name = "vgg_tiny"
+    config.model.init = "none"
+    config.model.num_classes = 21
+
+    config.pseudo.split = "train"
+    config.pseudo.grid_size = 1
+    config.pseudo.save_visualisations = True
+    config.eval.split = "train"
+    return config

@@ -1,0 +1,91 @@
+"""The `bana` command line: override syntax, errors naming the field, help, dispatch."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from bana_jax import cli
+
+VOC_STAGE1 = str(Path(__file__).resolve().parents[1] / "configs" / "voc" / "stage1.py")
+
+
+def test_print_config_with_overrides_both_syntaxes(capsys, tmp_path):
+    code = cli.main(["stage1", f"--config={VOC_STAGE1}", "--workdir", str(tmp_path),
+                     "--config.train.num_steps=5", "--config.optim.lr", "0.25",
+                     "--config.data.flip=false", "--print-config"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "num_steps: 5" in out and "lr: 0.25" in out and "flip: false" in out
+
+
+def test_unknown_field_fails_before_running(capsys, tmp_path, monkeypatch):
+    called = []
+    monkeypatch.setattr(cli, "resolve_command", lambda command: called.append(command))
+    code = cli.main(["stage1", f"--config={VOC_STAGE1}", f"--workdir={tmp_path}",
+                     "--config.train.num_step=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and not called
+    assert "unknown config field 'train.num_step'" in err and "'train.num_steps'" in err
+
+
+def test_wrong_type_fails_naming_the_field(capsys, tmp_path):
+    code = cli.main(["stage1", f"--config={VOC_STAGE1}", f"--workdir={tmp_path}",
+                     "--config.data.batch_size=big"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--config.data.batch_size='big': expected an integer" in err
+
+
+def test_missing_value_and_missing_required_flags(capsys, tmp_path):
+    assert cli.main(["stage1", f"--config={VOC_STAGE1}", f"--workdir={tmp_path}",
+                     "--config.train.seed"]) == 2
+    assert "needs a value" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["stage1", f"--config={VOC_STAGE1}"])  # no --workdir
+    assert exit_info.value.code == 2
+    assert "--workdir" in capsys.readouterr().err
+
+
+def test_help_lists_subcommands_and_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "stage1", "stage2", "stage3", "evaluate", "evaluate-cams",
+                 "compare-torch"):
+        assert name in out
+    with pytest.raises(SystemExit):
+        cli.main(["stage3", "--help"])
+    out = capsys.readouterr().out
+    assert "--config" in out and "--workdir" in out and "--shrink" in out
+    assert "--config.GROUP.FIELD=VALUE" in out
+
+
+def test_missing_implementation_fails_clearly(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "stage1", ("bana_jax._not_written_yet", "x"))
+    code = cli.main(["stage1", f"--config={VOC_STAGE1}", f"--workdir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'bana stage1' is not implemented yet" in err and "bana_jax._not_written_yet" in err
+
+
+def test_dispatch_passes_resolved_config_and_workdir(tmp_path, monkeypatch):
+    received = {}
+    fake = types.ModuleType("bana_jax._fake_stage")
+    fake.main = lambda config, workdir: received.update(config=config, workdir=workdir)
+    monkeypatch.setitem(sys.modules, "bana_jax._fake_stage", fake)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "stage2", ("bana_jax._fake_stage", "x"))
+    code = cli.main(["stage2", f"--config={VOC_STAGE1}", f"--workdir={tmp_path}", "--shrink",
+                     "--config.train.seed=3"])
+    assert code == 0
+    assert received["workdir"] == str(tmp_path)
+    assert received["config"].train.seed == 3
+    assert received["config"].train.num_steps == 30  # shrunk
+    assert received["config"].is_locked
+
+
+def test_demo_has_default_config_and_workdir(capsys):
+    assert cli.main(["demo", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "stage: demo" in out and "synthetic" in out
