@@ -232,17 +232,23 @@ class _FastOps:
 
     def norms(self):
         g = self.geom
-        # Zero border of 2 so that every neighbour (i + 1, j + 1) of an anchor exists.
-        f = jnp.pad(self.features, ((0, 2), (0, 2), (0, 0)))
-        here, right, down, diag = f[:-1, :-1], f[:-1, 1:], f[1:, :-1], f[1:, 1:]
-        sq = jnp.sum(here * here, -1)  # <f_ij, f_ij>, (hb + 1, wb + 1)
-        horiz = jnp.sum(here * right, -1)  # <f_ij, f_i,j+1>
-        vert = jnp.sum(here * down, -1)  # <f_ij, f_i+1,j>
-        main = jnp.sum(here * diag, -1)  # <f_ij, f_i+1,j+1>
-        anti = jnp.sum(right * down, -1)  # <f_i,j+1, f_i+1,j>
+        hb, wb, dims = self.features.shape
+        n = hb * wb
+        # Flat layout: the neighbours of cell q = i * wb + j are q + 1, q + wb, q + wb + 1, so each
+        # inner-product map is a product of two contiguous slices. A zero tail keeps every
+        # neighbour in range; at the last row/column the neighbour's weight is 0 (and where it
+        # wraps to the next row it is finite, so it contributes nothing).
+        flat = jnp.pad(self.features.reshape(n, dims), ((0, wb + 2), (0, 0)))
 
-        def at(m, di, dj):  # m[i(y) + di, j(x) + dj] -> (Hb, Wb)
-            return m[g.row_index + di][:, g.col_index + dj]
+        def inner(s, t):  # <f[q + s], f[q + t]> for all q, zero-padded to n + wb + 2
+            return jnp.pad(jnp.sum(flat[s:s + n] * flat[t:t + n], -1), (0, wb + 2))
+
+        sq, horiz, vert = inner(0, 0), inner(0, 1), inner(0, wb)
+        main, anti = inner(0, wb + 1), inner(1, wb)  # <f_ij, f_i+1,j+1>, <f_i,j+1, f_i+1,j>
+        base = g.row_index[:, None] * wb + g.col_index[None, :]  # (Hb, Wb)
+
+        def at(m, di, dj):  # m at cell (i(y) + di, j(x) + dj)
+            return m[base + di * wb + dj]
 
         a0, a1 = g.row_weights[:, 0, None], g.row_weights[:, 1, None]
         b0, b1 = g.col_weights[None, :, 0], g.col_weights[None, :, 1]
