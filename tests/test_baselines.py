@@ -1,0 +1,65 @@
+"""Box-fill and GrabCut baselines on hand-built label maps and a synthetic image with a known answer."""
+
+import numpy as np
+import pytest
+
+from bana_jax import baselines
+
+
+def test_box_fill_smaller_on_top_in_any_order():
+    big, small = [0, 0, 8, 6], [2.5, 1.2, 5.9, 4.0]  # small covers rows 1..3, cols 2..4
+    expected = np.zeros((7, 10), np.uint8)
+    expected[0:6, 0:8] = 3
+    expected[1:4, 2:5] = 9
+    for boxes, labels in [([big, small], [3, 9]), ([small, big], [9, 3])]:
+        got = baselines.box_fill(np.array(boxes, np.float32), labels, (7, 10))
+        np.testing.assert_array_equal(got, expected)
+    assert baselines.box_fill(np.zeros((0, 4)), [], (3, 4)).sum() == 0
+
+
+def test_box_fill_bad_labels():
+    with pytest.raises(ValueError, match="box_labels"):
+        baselines.box_fill(np.array([[0, 0, 2, 2]]), [0], (4, 4))
+    with pytest.raises(ValueError, match="box_labels"):
+        baselines.box_fill(np.array([[0, 0, 2, 2]]), [1, 2], (4, 4))
+
+
+def disk_image(size=80, centre=(38, 44), radius=16, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disk = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+    image = np.empty((size, size, 3), np.float64)
+    image[:] = (40, 90, 200)  # blue background
+    image[disk] = (220, 40, 30)  # red disk
+    image += rng.normal(0, 8, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), disk
+
+
+def iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_grabcut_segments_a_disk():
+    image, disk = disk_image()
+    box = np.array([[44 - 16 - 6, 38 - 16 - 5, 44 + 17 + 6, 38 + 17 + 5]], np.float32)
+    label = baselines.grabcut(image, box, [7])
+    assert set(np.unique(label)) <= {0, 7}
+    assert iou(label == 7, disk) > 0.9
+    # Box-fill on the same box is much worse: the corners of the box are background.
+    fill = baselines.box_fill(box, [7], image.shape[:2])
+    assert iou(fill == 7, disk) < 0.75
+    # Deterministic (seeded k-means).
+    np.testing.assert_array_equal(baselines.grabcut(image, box, [7]), label)
+
+
+def test_grabcut_degenerate_boxes_and_overlap():
+    image, disk = disk_image(size=40, centre=(20, 20), radius=8)
+    whole = baselines.grabcut(image, np.array([[0, 0, 40, 40]], np.float32), [2])
+    assert np.all(whole == 2)  # no background sample: the box is filled
+    thin = baselines.grabcut(image, np.array([[5, 5, 6, 30]], np.float32), [4])
+    assert (thin == 4).sum() == 25
+    # A small box inside a larger one is painted on top.
+    both = baselines.grabcut(image, np.array([[2, 2, 38, 38], [5, 5, 6, 30]], np.float32), [2, 4])
+    assert (both == 4).sum() == 25
+    with pytest.raises(ValueError, match="image"):
+        baselines.grabcut(image.astype(np.float32), np.zeros((0, 4)), [])
