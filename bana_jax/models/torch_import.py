@@ -83,10 +83,12 @@ def load_torch_state_dict(
     state_dict: Mapping[str, np.ndarray] | str | os.PathLike,
     *,
     ignore_prefixes: Sequence[str] = (),
+    rng_seed: int = 0,
 ) -> nnx.Module:
     """Copy a PyTorch state dict (or a `.pt`/`.pth` path) into `module`, in place; returns it.
 
-    Works on abstract modules from `nnx.eval_shape` too (no costly random init needed).
+    Works on abstract modules from `nnx.eval_shape` too (no costly random init needed); their
+    dropout RNG state is then seeded with `rng_seed`.
     Raises ValueError listing missing keys, unused keys (those not starting with one of
     `ignore_prefixes`; BatchNorm `num_batches_tracked` counters are accepted) and shape mismatches.
     """
@@ -116,7 +118,30 @@ def load_torch_state_dict(
         raise ValueError("state dict shape mismatch: " + "; ".join(bad_shapes))
     treedef = jax.tree_util.tree_structure(state)
     nnx.update(module, jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(v) for v in new_leaves]))
+    materialize_rng_state(module, seed=rng_seed)
     return module
+
+
+def materialize_rng_state(module: nnx.Module, *, seed: int = 0) -> None:
+    """Give concrete values to RNG keys/counters left abstract by `nnx.eval_shape`.
+
+    A model created with `nnx.eval_shape` and then filled by `load_torch_state_dict` has no
+    concrete dropout stream; this seeds it (`seed`, folded with the variable's index). Concrete
+    variables are left alone.
+    """
+    state = nnx.state(module, nnx.RngState)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    if not any(isinstance(v, jax.ShapeDtypeStruct) for v in leaves):
+        return
+    new = []
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            new.append(leaf)
+        elif jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            new.append(jax.random.fold_in(jax.random.key(seed), i))
+        else:
+            new.append(jax.numpy.zeros(leaf.shape, leaf.dtype))
+    nnx.update(module, jax.tree_util.tree_unflatten(treedef, new))
 
 
 def load_checkpoint(model: nnx.Module, checkpoint, **kwargs) -> nnx.Module:
