@@ -103,9 +103,13 @@ def test_vgg16_full_width_matches_torch_on_small_input():
     model = from_torch(lambda: DeepLab("v1", 21, rngs=nnx.Rngs(0)), net)
     x = images((1, 19, 22), seed=5)
     with torch.no_grad():
+        stages_t = net.backbone(torch_in(x), return_stages=True)
         feats_t = net(torch_in(x))
         scores_t = ref.cosine_scores(feats_t, net.classifier)
     feats, scores = forward(model, jnp.asarray(x))
+    stages = nnx.jit(lambda m, x: m.backbone(x, return_stages=True))(model, jnp.asarray(x))
+    for name in ("pool1", "pool2", "pool3", "pool4", "pool5", "fc6"):
+        assert rel_diff(stages[name], nhwc(stages_t[name])) <= 1e-5, name
     assert feats.shape == (1, 3, 3, 1024)
     assert rel_diff(feats, nhwc(feats_t)) <= 1e-5
     assert rel_diff(scores, nhwc(scores_t)) <= 1e-5
@@ -129,9 +133,10 @@ def test_deeplab_v2_reduced_depth_matches_torch_eval(shape):
         feats_t = net(torch_in(x))
         scores_t = ref.cosine_scores(feats_t, net.classifier)
     stages = nnx.jit(lambda m, x: m.backbone(x, return_stages=True))(model, jnp.asarray(x))
-    for i, stage in enumerate(stages, start=1):
-        assert stage.shape == nhwc(stages_t[f"layer{i}"]).shape, i
-        assert rel_diff(stage, nhwc(stages_t[f"layer{i}"])) <= 1e-5, i
+    assert list(stages) == list(stages_t)
+    for name, stage in stages.items():
+        assert stage.shape == nhwc(stages_t[name]).shape, name
+        assert rel_diff(stage, nhwc(stages_t[name])) <= 1e-5, name
     feats, scores = forward(model, jnp.asarray(x))
     assert rel_diff(feats, nhwc(feats_t)) <= 1e-5
     assert rel_diff(scores, nhwc(scores_t)) <= 1e-5

@@ -64,3 +64,25 @@ def test_orbax_round_trip(tmp_path):
         np.testing.assert_array_equal(back[key], ours[key], err_msg=key)
     with pytest.raises(FileNotFoundError):
         load_params(model, tmp_path / "missing")
+
+
+@pytest.mark.parametrize("arch", ["labeler", "deeplab_v2"])
+def test_compare_torch_cli(tmp_path, capsys, arch):
+    from bana_jax import compare_torch
+
+    if arch == "labeler":
+        net = ref.randomise_(ref.LabelerRef(5, (8, 16, 32, 32, 32), 64), seed=5)
+    else:
+        net = ref.randomise_(ref.DeepLabV2Ref(5, n_blocks=(1, 2, 1, 1), base=8, aspp_dim=8), seed=6)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    rc = compare_torch.main(["--arch", arch, "--checkpoint", str(tmp_path / "net.pt"), "--size", "27", "30"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    stages = ["pool1", "pool5", "fc7", "scores"] if arch == "labeler" else ["layer1", "layer5", "aspp", "scores"]
+    for stage in stages:
+        assert stage in out
+    assert "OK" in out
+    # A checkpoint of the wrong architecture fails loudly.
+    with pytest.raises(ValueError, match="no key"):
+        compare_torch.main(["--arch", "deeplab_v2" if arch == "labeler" else "labeler",
+                            "--checkpoint", str(tmp_path / "net.pt")])

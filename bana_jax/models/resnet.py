@@ -111,12 +111,13 @@ class ResNetDeepLab(nnx.Module):
         self.layer5 = ResLayer(n_blocks[3], ch[4], ch[5], 1, 4, **kw)
 
     def __call__(self, images: jax.Array, *, return_stages: bool = False):
+        """layer5 features, or with `return_stages` a dict layer1..layer5 of activations."""
         layers.check_images(images)
         x = images.astype(self.dtype)
-        stages = []
+        stages = {}
         for name in ("layer1", "layer2", "layer3", "layer4", "layer5"):
             x = getattr(self, name)(x)
-            stages.append(x)
+            stages[name] = x
         return stages if return_stages else x
 
 

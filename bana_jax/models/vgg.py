@@ -63,13 +63,19 @@ class VGGTrunk(nnx.Module):
         self.fc7 = layers.conv2d(fc_dim, fc_dim, 1, dtype=dtype, rngs=rngs)
         self.dropout2 = layers.channel_dropout(dropout_rate, rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, *, return_stages: bool = False):
+        """fc7 features, or with `return_stages` a dict pool1..pool5, fc6, fc7 of activations."""
         layers.check_images(images)
         x = images.astype(self.dtype)
+        stages = {}
         for block, n_convs in enumerate(CONVS_PER_BLOCK, start=1):
             for i in range(1, n_convs + 1):
                 x = jax.nn.relu(getattr(self, f"conv{block}_{i}")(x))
             x = layers.max_pool(x, 3, 2 if block <= 3 else 1, 1)
+            stages[f"pool{block}"] = x
         x = layers.avg_pool_count_pad(x, 3, 1, 1)
         x = self.dropout1(jax.nn.relu(self.fc6(x)))
-        return self.dropout2(jax.nn.relu(self.fc7(x)))
+        stages["fc6"] = x
+        x = self.dropout2(jax.nn.relu(self.fc7(x)))
+        stages["fc7"] = x
+        return stages if return_stages else x
