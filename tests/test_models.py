@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -16,6 +17,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from bana_jax.models import (  # noqa: E402
+    PARAM_GROUPS,
     DeepLab,
     Labeler,
     build_deeplab,
@@ -246,6 +248,9 @@ def test_param_group_labels_and_builders():
     assert feats.dtype == jnp.bfloat16
     with torch.no_grad():
         assert rel_diff(feats, nhwc(net(torch_in(x)))) < 0.05  # bfloat16 compute
+    # The labels drive optax.multi_transform inside nnx.Optimizer (structure must match).
+    tx = optax.multi_transform({g: optax.sgd(0.1) for g in PARAM_GROUPS}, param_group_labels(labeler))
+    nnx.Optimizer(labeler, tx, wrt=nnx.Param)
 
 
 def test_bad_input_is_rejected():

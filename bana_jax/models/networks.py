@@ -75,9 +75,7 @@ def make_backbone(
             rngs=rngs,
         )
     if name == "efficientnet_lite0":
-        from bana_jax.models import efficientnet  # noqa: PLC0415  (optional backbone)
-
-        return efficientnet.EfficientNetLite0(dtype=dtype, rngs=rngs)
+        raise NotImplementedError("the EfficientNet-Lite0 backbone is not implemented yet (issue 3)")
     raise ValueError(f"backbone must be one of {LABELER_BACKBONES}, got {name!r}")
 
 
