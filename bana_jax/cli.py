@@ -11,6 +11,7 @@ Subcommands dispatch to `main(config, workdir)` in their module:
     evaluate       bana_jax.evaluate      score a stage-3 checkpoint (mIoU, CRF, multi-scale)
     evaluate-cams  bana_jax.evaluate_cams CAM precision / box classification of a stage-1 run
     compare-torch  bana_jax.compare_torch compare with the official PyTorch code / checkpoints
+                   (its own flags: --arch {labeler,deeplab_v1,deeplab_v2} --checkpoint FILE.pt)
 
 `--config.a.b=v` (or `--config.a.b v`) sets a field; the value is parsed with the field's type
 (booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`). Unknown fields and wrong types fail
@@ -141,6 +142,9 @@ def resolve_command(command: str) -> Callable:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare-torch"]:  # its own flags (--arch, --checkpoint), no config
+        from bana_jax import compare_torch
+        return compare_torch.main(argv[1:])
     parser = build_parser()
     try:
         rest, overrides = split_overrides(argv)

@@ -89,3 +89,11 @@ def test_demo_has_default_config_and_workdir(capsys):
     assert cli.main(["demo", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "stage: demo" in out and "synthetic" in out
+
+
+def test_compare_torch_takes_its_own_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare-torch", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--arch" in out and "--checkpoint" in out
