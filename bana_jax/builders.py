@@ -3,6 +3,7 @@ training batch iterators and models. The one place where config fields meet cons
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -33,10 +34,32 @@ class _Subset:
         return self.source[index]
 
 
-def data_source(config, split: str | None = None, *, pseudo_labels: str | Path | None = None):
+class _NamedSource:
+    """A source whose repr describes what it reads. grain stores `repr(data_source)` in the
+    iterator state and refuses to restore into a source with another repr; the default repr
+    (a memory address) would make every resume fail."""
+
+    def __init__(self, source, description: str):
+        self.source, self.description = source, description
+        self.class_names = getattr(source, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[index]
+
+    def __repr__(self) -> str:
+        return self.description
+
+
+def data_source(config, split: str | None = None, *, pseudo_labels: str | Path | None = None,
+                max_images: int | None = None):
     """Random-access source of raw samples (HELPERS.md layout) for `split` (default data.split).
 
     `pseudo_labels`: a stage-2 output folder; samples then also carry `y_crf` and `y_ret`.
+    `max_images`: keep the first N records (0 = all); None = `data.max_images` (a training
+    setting: evaluation passes 0 and applies `eval.max_images` itself).
     """
     data = config.data
     split = split or data.split
@@ -62,12 +85,38 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
                             category_set="voc20" if data.classes == "voc" else "all80")
     else:
         raise ValueError(f"unknown data.name {data.name!r}")
-    if data.max_images:
-        source = _Subset(source, data.max_images)
+    max_images = data.max_images if max_images is None else max_images
+    if max_images:
+        source = _Subset(source, max_images)
     if pseudo_labels:
         root = Path(pseudo_labels)
         source = loader.WithPixelMaps(source, {"y_crf": str(root / "Y_crf"), "y_ret": str(root / "Y_ret")})
-    return source
+    description = dict(name=data.name, split=split, root=data.root, images=data.images,
+                       annotations=data.annotations, classes=data.classes, max_images=max_images,
+                       pseudo_labels=str(pseudo_labels or ""), size=len(source))
+    if data.name == "synthetic":
+        description.update(synthetic=spec)
+    return _NamedSource(source, f"bana_source({json.dumps(description, sort_keys=True)})")
+
+
+class _JsonStateIterator:
+    """A grain DataLoader iterator whose get_state()/set_state() speak JSON-able dicts (grain
+    encodes its state as JSON bytes, which the train checkpoint's JSON item cannot hold)."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return json.loads(self.iterator.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(json.dumps(state).encode())
 
 
 def class_names(config) -> tuple[str, ...]:
@@ -88,11 +137,11 @@ def training_batches(config, source=None):
     if abs((1 - lo) - (hi - 1)) > 1e-9:
         raise ValueError(f"data.color_jitter must be symmetric around 1, got {tuple(data.color_jitter)}")
     source = source if source is not None else data_source(config)
-    return iter(loader.make_train_loader(
+    return _JsonStateIterator(iter(loader.make_train_loader(
         source, batch_size=data.batch_size // jax.process_count(), crop_size=data.crop_size,
         max_boxes=data.max_boxes, seed=config.train.seed, worker_count=data.num_workers,
         aug=loader.transforms.AugmentConfig(crop_size=data.crop_size, scale_range=tuple(data.scale_range),
-                                            flip_prob=0.5 if data.flip else 0.0, jitter=hi - 1)))
+                                            flip_prob=0.5 if data.flip else 0.0, jitter=hi - 1))))
 
 
 def build_labeler(config):
@@ -104,6 +153,17 @@ def build_labeler(config):
     return models.build_labeler(dict(backbone=LABELER_BACKBONES[config.model.name], num_classes=config.model.num_classes,
                                      dtype=config.model.dtype, seed=config.train.seed,
                                      fc6_dilation=config.model.fc6_dilation, dropout_rate=config.model.dropout))
+
+
+def init_weights(model, config):
+    """Loads the initial weights `config.model.init` into `model` in place; returns it.
+
+    'none' keeps the random initialisation. Pretrained weights are not wired in yet.
+    """
+    if config.model.init == "none":
+        return model
+    raise NotImplementedError(f"model.init={config.model.init!r} is not supported yet "
+                              "(use --config.model.init=none)")
 
 
 def build_deeplab(config):

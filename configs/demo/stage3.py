@@ -17,7 +17,7 @@ def get_config():
 
     config.model.name = "vgg_tiny"
     config.model.init = "none"
-    config.model.num_classes = 21
+    config.model.num_classes = 5             # background + the 4 synthetic shapes (at most 6)
     config.model.classifier = "cosine"
     config.model.dropout = 0.1
 
