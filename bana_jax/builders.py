@@ -155,17 +155,6 @@ def build_labeler(config):
                                      fc6_dilation=config.model.fc6_dilation, dropout_rate=config.model.dropout))
 
 
-def init_weights(model, config):
-    """Loads the initial weights `config.model.init` into `model` in place; returns it.
-
-    'none' keeps the random initialisation. Pretrained weights are not wired in yet.
-    """
-    if config.model.init == "none":
-        return model
-    raise NotImplementedError(f"model.init={config.model.init!r} is not supported yet "
-                              "(use --config.model.init=none)")
-
-
 def build_deeplab(config):
     """The stage-3 network of `config.model` (random init; see init_weights)."""
     from bana_jax import models

@@ -3,15 +3,11 @@ configs, and two work-arounds for slow or broken pieces outside stage 3 (see eac
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
-import jax
 import numpy as np
-import pytest
 
 from bana_jax import io
-from bana_jax.models import layers
 from bana_jax.train import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,42 +48,3 @@ def demo_config(pseudo_labels="", cache_dir="", num_steps: int = 30):
     config.train.progress_bar = False
     config.eval.max_images = 8
     return config
-
-
-def _reduce_window_differentiable() -> bool:
-    x = np.ones((1, 4, 4, 1), np.float32)
-    try:
-        jax.jit(jax.grad(lambda x: layers.max_pool(x, 3, 2, 1).sum()))(x)
-        jax.jit(jax.grad(lambda x: layers.avg_pool_count_pad(x, 3, 1, 1).sum()))(x)
-    except ValueError:
-        return False
-    return True
-
-
-def _max_pool(x, kernel, stride, padding, *, ceil_mode=False):
-    pads = ((0, 0), layers._pool_padding(x.shape[1], kernel, stride, padding, ceil_mode),
-            layers._pool_padding(x.shape[2], kernel, stride, padding, ceil_mode), (0, 0))
-    return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, kernel, kernel, 1),
-                                 (1, stride, stride, 1), pads)
-
-
-def _avg_pool_count_pad(x, kernel, stride, padding):
-    pads = ((0, 0), layers._pool_padding(x.shape[1], kernel, stride, padding, False),
-            layers._pool_padding(x.shape[2], kernel, stride, padding, False), (0, 0))
-    summed = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, (1, kernel, kernel, 1),
-                                   (1, stride, stride, 1), pads)
-    return summed / np.asarray(kernel * kernel, x.dtype)
-
-
-@contextlib.contextmanager
-def workarounds():
-    """1. Partitionable threefry (JAX's default) takes ~1 s per random-init op to compile on this
-    CPU; the classic one keeps building a model to a few seconds.
-    2. bana_jax.models.layers pools pass `jnp.array(init)` to reduce_window, a tracer under jit,
-    which makes them non-differentiable in a jitted train step; until that is fixed there, the
-    same pools with concrete init values are patched in (only if the bug is present)."""
-    with pytest.MonkeyPatch.context() as patch, jax.threefry_partitionable(False):
-        if not _reduce_window_differentiable():
-            patch.setattr(layers, "max_pool", _max_pool)
-            patch.setattr(layers, "avg_pool_count_pad", _avg_pool_count_pad)
-        yield

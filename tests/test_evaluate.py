@@ -21,15 +21,9 @@ from bana_jax.data.transforms import caffe_normalize
 from bana_jax.io import read_label_png
 from bana_jax.resize import resize_bilinear
 from bana_jax.train import make_data_mesh
-from stage3_common import SIZE, demo_config, workarounds, write_pseudo_labels
+from stage3_common import SIZE, demo_config, write_pseudo_labels
 
 NUM_STEPS = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _workarounds():
-    with workarounds():
-        yield
 
 
 @pytest.fixture(scope="module")

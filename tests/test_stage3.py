@@ -18,16 +18,10 @@ from flax import nnx
 from bana_jax import builders, stage3
 from bana_jax.losses import segmentation_loss
 from bana_jax.train import load_config, make_data_mesh
-from stage3_common import REPO, SIZE, demo_config, workarounds, write_pseudo_labels
+from stage3_common import REPO, SIZE, demo_config, write_pseudo_labels
 
 NUM_STEPS = 30
 NOISE = 0.2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _workarounds():
-    with workarounds():
-        yield
 
 
 def make_config(pseudo_labels, cache_dir):

@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # torch.nn.init.normal_(std=0.01): the init of every new (from-scratch) layer in the official code.
@@ -82,7 +83,7 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int, *, ceil_mode:
         _pool_padding(x.shape[2], kernel, stride, padding, ceil_mode),
         (0, 0),
     )
-    init = jnp.array(-jnp.inf, x.dtype)
+    init = np.array(-np.inf, x.dtype)  # a concrete init: a traced one breaks jax.grad under jit
     return jax.lax.reduce_window(
         x, init, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pads
     )
@@ -97,7 +98,7 @@ def avg_pool_count_pad(x: jax.Array, kernel: int, stride: int, padding: int) -> 
         (0, 0),
     )
     summed = jax.lax.reduce_window(
-        x, jnp.array(0, x.dtype), jax.lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pads
+        x, np.array(0, x.dtype), jax.lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pads
     )
     return summed / jnp.asarray(kernel * kernel, x.dtype)
 
