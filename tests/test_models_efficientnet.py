@@ -176,6 +176,10 @@ def test_load_accounts_for_every_key(state_dict):
     vgg = nnx.eval_shape(lambda: DeepLab("tiny", 3, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="EfficientNetLite0 backbone, got VGGTrunk"):
         pretrained.load_efficientnet_lite0(vgg)
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        EfficientNetLite0(output_stride=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\).*got shape \(2, 9, 9\)"):
+        model(jnp.zeros((2, 9, 9)))
 
 
 def test_labeler_deeplab_builders_and_imagenet_init(state_dict):
