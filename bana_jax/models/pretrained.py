@@ -101,7 +101,8 @@ def load_efficientnet_lite0(
     """
     trunk = getattr(model, "backbone", model)
     if not isinstance(trunk, efficientnet.EfficientNetLite0):
-        raise ValueError(f"EfficientNet-Lite0 weights need an EfficientNetLite0 backbone, got {type(trunk).__name__}")
+        raise ValueError("EfficientNet-Lite0 weights need an EfficientNetLite0 backbone, "
+                         f"got {type(trunk).__name__}")
     if weights is None:
         weights = _package_file(*EFFICIENTNET_LITE0_FILE, pip_name=EFFICIENTNET_LITE0_PIP)
     sd = torch_io.read_state_dict(weights) if isinstance(weights, (str, os.PathLike)) \
