@@ -26,7 +26,7 @@ Model configs (`ml_collections.ConfigDict`, see `labeler_config()` / `deeplab_co
 | `aspp_dim` | ASPP output channels | 256 |
 | `aspp_rates` | ASPP dilation rates | (6, 12, 18, 24) |
 | `bn_momentum` | BatchNorm momentum, PyTorch convention (official 0.999) | 0.999 |
-| `freeze_bn` | BatchNorm always in eval mode | False |
+| `freeze_bn` | BatchNorm always in eval mode (ResNet, EfficientNet-Lite0) | False |
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from bana_jax.models import heads, layers, resnet, vgg
+from bana_jax.models import efficientnet, heads, layers, resnet, vgg
 
 LABELER_BACKBONES = ("vgg16", "tiny", "efficientnet_lite0")
 DEEPLAB_ARCHS = ("v1", "v2", "tiny", "efficientnet_lite0")
@@ -60,10 +60,13 @@ def make_backbone(
     vgg_widths: Sequence[int] | None = None,
     fc_dim: int | None = None,
     dropout_rate: float = 0.5,
+    freeze_bn: bool = False,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
-    """A backbone mapping images `(B, H, W, 3)` to `(B, h, w, backbone.feature_dim)`, stride 8."""
+    """A backbone mapping images `(B, H, W, 3)` to `(B, h, w, backbone.feature_dim)`, stride 8.
+
+    `freeze_bn` applies to the EfficientNet-Lite0 BatchNorms (VGG has none)."""
     if name in ("vgg16", "tiny"):
         tiny = name == "tiny"
         return vgg.VGGTrunk(
@@ -75,7 +78,14 @@ def make_backbone(
             rngs=rngs,
         )
     if name == "efficientnet_lite0":
-        raise NotImplementedError("the EfficientNet-Lite0 backbone is not implemented yet (issue 3)")
+        # Output stride 8 (dilated), features = the last MBConv block's 320 channels, without the
+        # 1x1 head conv to 1280: stage 2 works on full-resolution (H, W, D) feature maps and its
+        # memory and Gram/prototype work grow with D (a 500 x 375 image: 240 MB at D = 320, 960 MB
+        # at 1280, 768 MB for VGG's 1024); the head conv adds no spatial context, only a costly
+        # 320 -> 1280 projection at 1/8 resolution, and was trained for global-pool classification
+        # (DeepLab's MobileNetV2 backbone drops it likewise). The features are signed (linear
+        # bottleneck); BANA only uses them through ReLU(cos) and ReLU(CAM), which allow that.
+        return efficientnet.EfficientNetLite0(freeze_bn=freeze_bn, dtype=dtype, rngs=rngs)
     raise ValueError(f"backbone must be one of {LABELER_BACKBONES}, got {name!r}")
 
 
@@ -158,8 +168,8 @@ class DeepLab(nnx.Module):
         else:
             self.backbone = make_backbone(
                 "vgg16" if arch == "v1" else arch, fc6_dilation=fc6_dilation,
-                vgg_widths=vgg_widths, fc_dim=fc_dim, dropout_rate=dropout_rate, dtype=dtype,
-                rngs=rngs)
+                vgg_widths=vgg_widths, fc_dim=fc_dim, dropout_rate=dropout_rate,
+                freeze_bn=freeze_bn, dtype=dtype, rngs=rngs)
             feature_dim = self.backbone.feature_dim
         self.feature_dim = feature_dim
         self.classifier = heads.Classifier(feature_dim, num_classes, kind=classifier, rngs=rngs)
@@ -181,7 +191,7 @@ def labeler_config() -> ml_collections.ConfigDict:
     """Default labeler model config (see the module docstring for the fields)."""
     return ml_collections.ConfigDict(dict(
         backbone="vgg16", num_classes=21, dtype="float32", seed=0, fc6_dilation=1,
-        vgg_widths=None, fc_dim=None, dropout_rate=0.5))
+        vgg_widths=None, fc_dim=None, dropout_rate=0.5, freeze_bn=False))
 
 
 def deeplab_config() -> ml_collections.ConfigDict:
@@ -209,7 +219,8 @@ def build_labeler(config: ml_collections.ConfigDict) -> Labeler:
     rngs = _rngs(cfg)
     backbone = make_backbone(
         cfg.backbone, fc6_dilation=cfg.fc6_dilation or 1, vgg_widths=_opt_tuple(cfg.vgg_widths),
-        fc_dim=cfg.fc_dim, dropout_rate=cfg.dropout_rate, dtype=_dtype(cfg.dtype), rngs=rngs)
+        fc_dim=cfg.fc_dim, dropout_rate=cfg.dropout_rate, freeze_bn=cfg.freeze_bn,
+        dtype=_dtype(cfg.dtype), rngs=rngs)
     return Labeler(backbone, cfg.num_classes, rngs=rngs, dtype=cfg.dtype)
 
 
@@ -249,8 +260,9 @@ def param_group_labels(model: nnx.Module):
 
     Usable directly as `optax.multi_transform(transforms, param_group_labels(model))`.
     The VGG fc6/fc7 layers count as pretrained (they are, from `vgg_caffe.pth`) even when they
-    start from scratch under the HED init, like the official code; the ResNet BatchNorm scale and
-    bias count as pretrained weight / bias; ASPP convs and the classifier are new.
+    start from scratch under the HED init, like the official code; the ResNet and EfficientNet-Lite0
+    BatchNorm scale and bias count as pretrained weight / bias (the whole EfficientNet backbone
+    is ImageNet-pretrained); ASPP convs and the classifier are new.
     """
     state = nnx.state(model, nnx.Param)
     return jax.tree_util.tree_map_with_path(lambda p, _: param_group_label(path_names(p)), state)

@@ -118,6 +118,113 @@ class DeepLabV2Ref(nn.Module):
         return F.relu(self.c1(x) + self.c2(x) + self.c3(x) + self.c4(x))
 
 
+
+# EfficientNet-Lite0 (lukemelas-style keys `_conv_stem`, `_bn0`, `_blocks.N.*`, `_conv_head`, `_bn1`,
+# `_fc`), from the block table: repeats, kernel, stride, expand ratio, output channels.
+LITE0_TABLE = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+               (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+
+
+def same_pads(size, k, s, d):
+    """TF "SAME": total padding for output ceil(size / s), the odd pixel at the end."""
+    out = -(-size // s)
+    total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv without bias and TF "SAME" padding, either recomputed from each input ('dynamic', TF's
+    rule) or fixed at construction from `image_size` ('static', the PyTorch port's rule)."""
+
+    def __init__(self, cin, cout, k, s=1, d=1, groups=1, padding="dynamic", image_size=None):
+        super().__init__(cin, cout, k, s, 0, d, groups, bias=False)
+        self.mode = padding
+        if padding == "static":
+            ph, pw = same_pads(image_size[0], k, s, d), same_pads(image_size[1], k, s, d)
+            self.static_pads = [pw[0], pw[1], ph[0], ph[1]]
+
+    def forward(self, x):
+        if self.mode == "static":
+            pads = self.static_pads
+        else:
+            k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
+            ph, pw = same_pads(x.shape[2], k, s, d), same_pads(x.shape[3], k, s, d)
+            pads = [pw[0], pw[1], ph[0], ph[1]]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConvRef(nn.Module):
+    def __init__(self, cin, cout, expand, k, s, d, conv):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = conv(cin, mid, 1)
+            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3, momentum=0.01)
+        self._depthwise_conv = conv(mid, mid, k, s, d, groups=mid)
+        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3, momentum=0.01)
+        self._project_conv = conv(mid, cout, 1)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)
+        self.expand, self.skip = expand, s == 1 and cin == cout
+
+    def forward(self, x):
+        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand != 1 else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.skip else h
+
+
+class EfficientNetLite0Ref(nn.Module):
+    """EfficientNet-Lite0 on RGB `(x / 255 - 0.498) / 0.502` input, NCHW.
+
+    output_stride 8/16: the stage that would stride past it runs at stride 1; its first block keeps
+    the dilation so far, the rest use twice it. padding 'static' fixes every pad from
+    `image_size` (224) at construction like the PyTorch port; 'dynamic' follows TF per input.
+    `forward` -> last block (320 ch) or, with `head`, the ReLU6 head (1280 ch); `logits` -> `_fc`.
+    """
+
+    def __init__(self, output_stride=32, padding="dynamic", image_size=224, head=True):
+        super().__init__()
+        size = [image_size, image_size]
+
+        def conv(cin, cout, k, s=1, d=1, groups=1):
+            return SameConv2d(cin, cout, k, s, d, groups, padding, size)
+
+        self._conv_stem = conv(3, 32, 3, 2)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
+        size = [-(-v // 2) for v in size]
+        blocks, cin, stride, dilation = [], 32, 2, 1
+        for repeats, k, s, expand, cout in LITE0_TABLE:
+            first_dilation = dilation
+            if stride * s > output_stride:
+                s, dilation = 1, dilation * s
+            else:
+                stride *= s
+            for i in range(repeats):
+                blocks.append(MBConvRef(cin, cout, expand, k, s if i == 0 else 1,
+                                        first_dilation if i == 0 else dilation, conv))
+                size = [-(-v // (s if i == 0 else 1)) for v in size]
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = conv(320, 1280, 1)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3, momentum=0.01)
+        self._fc = nn.Linear(1280, 1000)
+        self.head = head
+
+    def forward(self, x, return_stages=False):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        stages = {"stem": x}
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            stages[f"block{i}"] = x
+        if self.head:
+            x = F.relu6(self._bn1(self._conv_head(x)))
+            stages["head"] = x
+        return stages if return_stages else x
+
+    def logits(self, x):
+        """ImageNet logits `(B, 1000)` (needs `head`): global average pool, then `_fc`."""
+        return self._fc(self.forward(x).mean(dim=(2, 3)))
+
 def dot_scores(features, classifier):
     return F.conv2d(features, classifier.weight)
 
