@@ -2,7 +2,7 @@
 
     bana stage3 --config=configs/voc/stage3_deeplab_v2.py --workdir=runs/voc_v2 \
         --config.data.root=/data/VOC2012 --config.data.pseudo_labels=runs/voc_stage2/pseudo_labels \
-        --config.model.init=/path/to/resnet101_imagenet.npz
+        --config.model.init=/path/to/deeplab_resnet101_init.pth
 
 lr 2.5e-4, batch 10, crop 321, 20000 iterations, poly 0.9; backbone 1x, ASPP + classifier 10x
 (weight decay 5e-4 on every trained parameter: the backbone has no conv biases and its BatchNorm
@@ -26,7 +26,9 @@ def get_config():
     config.data.color_jitter = (0.5, 1.5)
 
     config.model.name = "deeplab_v2"
-    config.model.init = "imagenet"         # a converted ImageNet ResNet-101 (path)
+    # No offline ResNet-101 weights ship with pip: pass the official ImageNet init (a PyTorch file
+    # with the official key names) on the command line; "none" trains from scratch.
+    config.model.init = "none"
     config.model.num_classes = 21
     config.model.classifier = "cosine"
     config.model.freeze_bn = True
