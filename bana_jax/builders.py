@@ -3,6 +3,7 @@ training batch iterators and models. The one place where config fields meet cons
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -44,7 +45,7 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
         if split not in SYNTHETIC_SEEDS:
             raise ValueError(f"synthetic data has splits {sorted(SYNTHETIC_SEEDS)}, got split={split!r}")
         spec = dict(name="synthetic", num_images=data.synthetic_images or 200,
-                    image_size=data.synthetic_size or 112, num_classes=config.model.num_classes - 1,
+                    image_size=data.synthetic_size or 112, num_classes=synthetic_classes(config),
                     synthetic_seed=SYNTHETIC_SEEDS[split])
         source = loader.make_source(spec)
     elif data.name == "voc":
@@ -70,11 +71,24 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
     return source
 
 
+def synthetic_classes(config) -> int:
+    """Object classes of the synthetic data: all the model has, up to the generator's six.
+
+    A 21-way (VOC-sized) model on synthetic data sees objects of classes 1..6 only; its other
+    class weights are trained as negatives.
+    """
+    from bana_jax.data.synthetic import MAX_CLASSES
+
+    return max(1, min(config.model.num_classes - 1, MAX_CLASSES))
+
+
 def class_names(config) -> tuple[str, ...]:
+    """Names of class ids 0..model.num_classes - 1 (synthetic: unused ids are 'unused_<id>')."""
     if config.data.name == "synthetic":
         from bana_jax.data.synthetic import class_names as synthetic_names
 
-        return synthetic_names(config.model.num_classes - 1)
+        names = synthetic_names(synthetic_classes(config))
+        return names + tuple(f"unused_{i}" for i in range(len(names), config.model.num_classes))
     return VOC_CLASSES if config.data.classes == "voc" else tuple(data_source(config).class_names)
 
 
@@ -88,11 +102,35 @@ def training_batches(config, source=None):
     if abs((1 - lo) - (hi - 1)) > 1e-9:
         raise ValueError(f"data.color_jitter must be symmetric around 1, got {tuple(data.color_jitter)}")
     source = source if source is not None else data_source(config)
-    return iter(loader.make_train_loader(
+    return JsonStateIterator(loader.make_train_loader(
         source, batch_size=data.batch_size // jax.process_count(), crop_size=data.crop_size,
         max_boxes=data.max_boxes, seed=config.train.seed, worker_count=data.num_workers,
         aug=loader.transforms.AugmentConfig(crop_size=data.crop_size, scale_range=tuple(data.scale_range),
                                             flip_prob=0.5 if data.flip else 0.0, jitter=hi - 1)))
+
+
+class JsonStateIterator:
+    """A grain DataLoader's iterator whose position is a JSON object, not bytes.
+
+    grain's `get_state()` returns JSON-encoded bytes; the train loop stores the position with
+    orbax's JsonSave, which needs plain JSON values.
+    """
+
+    def __init__(self, data_loader):
+        self._iterator = iter(data_loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        state = self._iterator.get_state()
+        return json.loads(state.decode() if isinstance(state, bytes) else state)
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(json.dumps(state).encode())
 
 
 def build_labeler(config):
@@ -116,3 +154,17 @@ def build_deeplab(config):
                                      classifier=config.model.classifier, tau=config.loss.tau, dtype=config.model.dtype,
                                      seed=config.train.seed, fc6_dilation=config.model.fc6_dilation,
                                      dropout_rate=config.model.dropout, freeze_bn=config.model.freeze_bn))
+
+
+def init_weights(model, config):
+    """Loads the initial weights named by `config.model.init` into `model` (in place); returns it.
+
+    'none' keeps the random init. Pretrained loaders ('hed_vgg16', 'imagenet', a weights file)
+    are still to be wired here from the models package.
+    """
+    init = config.model.init
+    if init in ("", "none"):
+        return model
+    raise NotImplementedError(
+        f"model.init={init!r}: pretrained initialisation is not wired into builders.init_weights "
+        "yet; use --config.model.init=none")
