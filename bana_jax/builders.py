@@ -19,11 +19,12 @@ DEEPLAB_ARCHS = {"deeplab_v1": "v1", "deeplab_v2": "v2", "vgg_tiny": "tiny", "ef
 
 
 class _Subset:
-    """The first `n` records of a source."""
+    """The first `n` records of a source; `description` (default: the source's repr) names it."""
 
-    def __init__(self, source, n: int):
+    def __init__(self, source, n: int, description: str | None = None):
         self.source, self.n = source, min(n, len(source))
         self.class_names = getattr(source, "class_names", None)
+        self.description = description
 
     def __len__(self) -> int:
         return self.n
@@ -32,6 +33,10 @@ class _Subset:
         if not 0 <= index < self.n:
             raise IndexError(index)
         return self.source[index]
+
+    def __repr__(self) -> str:
+        # grain checks a resumed loader's source against the checkpoint by repr.
+        return f"_Subset({self.description or repr(self.source)}, n={self.n})"
 
 
 def data_source(config, split: str | None = None, *, pseudo_labels: str | Path | None = None):
@@ -102,6 +107,11 @@ def training_batches(config, source=None):
     if abs((1 - lo) - (hi - 1)) > 1e-9:
         raise ValueError(f"data.color_jitter must be symmetric around 1, got {tuple(data.color_jitter)}")
     source = source if source is not None else data_source(config)
+    # grain refuses to resume unless repr(source) matches the checkpoint's; the VOC/COCO sources'
+    # default reprs hold a memory address, so name the source by its config instead.
+    description = (f"{data.name}:{data.split}:{data.root or data.images}:"
+                   f"max_images={data.max_images}:pseudo_labels={data.pseudo_labels}")
+    source = _Subset(source, len(source), description)
     return JsonStateIterator(loader.make_train_loader(
         source, batch_size=data.batch_size // jax.process_count(), crop_size=data.crop_size,
         max_boxes=data.max_boxes, seed=config.train.seed, worker_count=data.num_workers,
