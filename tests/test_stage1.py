@@ -1,6 +1,8 @@
 """Stage 1 end to end on the synthetic data with the tiny labeler (8 simulated CPU devices)."""
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -12,6 +14,7 @@ from bana_jax import bap, builders, cli, evaluate_cams, stage1
 from bana_jax.models import param_group_labels
 from bana_jax.train import mesh as mesh_lib
 from bana_jax.train.config import apply_overrides, load_config, validate_config
+from bana_jax.train.loop import configure_compilation_cache
 from bana_jax.train.optim import make_optimizer
 from bana_jax.train.state import create_train_state, jit_train_step, label_tree, make_train_step
 
@@ -20,8 +23,14 @@ SIZE = 48  # synthetic images and crops: 6 x 6 features, 2 x 2-pixel grid cells 
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+def cache_dir():
+    """A persistent compilation cache kept between test runs (compiling the tiny labeler's steps
+    costs most of this file's time; a warm cache cuts it several-fold). BANA_TEST_JAX_CACHE
+    overrides the location."""
+    path = Path(os.environ.get("BANA_TEST_JAX_CACHE",
+                               Path(tempfile.gettempdir()) / "bana_jax_test_jax_cache"))
+    configure_compilation_cache(str(path), path)  # before the first model is built
+    return str(path)
 
 
 def small_overrides(cache_dir):
