@@ -67,7 +67,7 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
         if split not in SYNTHETIC_SEEDS:
             raise ValueError(f"synthetic data has splits {sorted(SYNTHETIC_SEEDS)}, got split={split!r}")
         spec = dict(name="synthetic", num_images=data.synthetic_images or 200,
-                    image_size=data.synthetic_size or 112, num_classes=config.model.num_classes - 1,
+                    image_size=data.synthetic_size or 112, num_classes=synthetic_classes(config),
                     synthetic_seed=SYNTHETIC_SEEDS[split])
         source = loader.make_source(spec)
     elif data.name == "voc":
@@ -119,11 +119,24 @@ class _JsonStateIterator:
         self.iterator.set_state(json.dumps(state).encode())
 
 
+def synthetic_classes(config) -> int:
+    """Object classes of the synthetic data: all the model has, up to the generator's six.
+
+    A 21-way (VOC-sized) model on synthetic data sees objects of classes 1..6 only; its other
+    class weights are trained as negatives.
+    """
+    from bana_jax.data.synthetic import MAX_CLASSES
+
+    return max(1, min(config.model.num_classes - 1, MAX_CLASSES))
+
+
 def class_names(config) -> tuple[str, ...]:
+    """Names of class ids 0..model.num_classes - 1 (synthetic: unused ids are 'unused_<id>')."""
     if config.data.name == "synthetic":
         from bana_jax.data.synthetic import class_names as synthetic_names
 
-        return synthetic_names(config.model.num_classes - 1)
+        names = synthetic_names(synthetic_classes(config))
+        return names + tuple(f"unused_{i}" for i in range(len(names), config.model.num_classes))
     return VOC_CLASSES if config.data.classes == "voc" else tuple(data_source(config).class_names)
 
 

@@ -1,0 +1,312 @@
+"""`bana stage1`: train the stage-1 classification network with Background-Aware Pooling.
+
+    bana stage1 --config=configs/voc/stage1.py --workdir=runs/voc_stage1 [--config.a.b=v ...]
+
+The labeler (`bana_jax.models.Labeler`) maps a batch of crops to features `(B, h, w, D)`; the
+stage-1 loss (`bana_jax.bap.bap_loss`) pools one foreground vector per box and ROI window and one
+background vector per valid grid cell and classifies them all with the labeler's dot-product
+classifier. Training itself (sharded jit, SGD groups, checkpoints, resume, logs) is
+`bana_jax.train.train_loop`.
+
+What a finished run leaves in WORKDIR:
+    config.json          the resolved config (train_loop)
+    metrics.jsonl        step, loss, accuracies, lr, images/s, ETA
+    checkpoints/<step>/  full train state + data position (resume; train_loop)
+    train_done.json      written when train.num_steps is reached
+    labeler/             the trained labeler for stage 2: an orbax StandardCheckpointer tree
+                         {"variables": nnx.to_pure_dict(non-RNG state)} (params and any
+                         BatchNorm statistics), read by `load_trained_labeler`
+    labeler.json         what rebuilds the network: {"model": config.model, "step", "pooling",
+                         "grid_size", "class_names"}
+    stage1_summary.json  final metrics and the classification accuracy on ground-truth boxes
+
+Stage 2 loads the network with `load_trained_labeler(workdir)` (or with its own config, whose
+`pseudo.stage1_workdir` names the stage-1 workdir); the returned Labeler is in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from bana_jax import bap, builders
+from bana_jax.train import mesh as mesh_lib
+from bana_jax.train.config import base_config
+from bana_jax.train.loop import TrainResult, configure_compilation_cache, train_loop
+
+logger = logging.getLogger("bana_jax.stage1")
+
+LABELER_DIR = "labeler"
+LABELER_JSON = "labeler.json"
+SUMMARY_JSON = "stage1_summary.json"
+
+# Above this many bytes of ROI tensor `(B, K, h, w, D)` float32 the loss pools one image at a
+# time (lax.map + remat) instead of the whole batch at once (VOC: 20 x 64 x 41 x 41 x 1024 x 4 B
+# = 8.8 GB, so per image; the demo: 0.5 MB, all at once).
+ROI_BYTES_LIMIT = 1 << 30
+
+# Logged with the loss (all scalars from bap_loss's aux).
+METRIC_KEYS = ("accuracy", "fg_accuracy", "bg_accuracy", "box_accuracy", "bap_fraction")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_options(config) -> dict[str, Any]:
+    """bap_loss keywords from `config.loss`."""
+    windows = int(config.loss.roi_windows)
+    return dict(grid_size=int(config.loss.grid_size), pooling=str(config.loss.pooling),
+                bg_threshold=float(config.loss.gap_fallback_bg_fraction),
+                roi_output=(windows, windows))
+
+
+def pools_per_image(features_shape: tuple[int, ...], max_boxes: int) -> bool:
+    """Whether the ROI tensor of a batch is too large to pool all images at once."""
+    b, h, w, d = features_shape
+    return b * max_boxes * h * w * d * 4 > ROI_BYTES_LIMIT
+
+
+def combine_group_aux(aux: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Merges bap_loss results of G groups of images `(G,)` into the whole batch's.
+
+    Every ratio is re-weighted by its group's count, so the result equals bap_loss on the whole
+    batch (the loss is the mean over all foreground and background vectors of the batch).
+    """
+    def weighted(value, count):
+        total = count.sum()
+        return (value * count).sum() / jnp.maximum(total, 1.0), total
+
+    vectors = aux["num_fg"] + aux["num_bg"]
+    loss, _ = weighted(aux["loss"], vectors)
+    out = {"loss": loss}
+    out["accuracy"], _ = weighted(aux["accuracy"], vectors)
+    out["fg_accuracy"], out["num_fg"] = weighted(aux["fg_accuracy"], aux["num_fg"])
+    out["bg_accuracy"], out["num_bg"] = weighted(aux["bg_accuracy"], aux["num_bg"])
+    out["box_accuracy"], out["num_boxes"] = weighted(aux["box_accuracy"], aux["num_boxes"])
+    out["bap_fraction"] = aux["bap_fraction"].mean()
+    return loss, out
+
+
+def make_loss_fn(config, *, num_groups: int = 1, map_over_images: bool | None = None):
+    """`loss_fn(model, batch, step) -> (loss, metrics)` of stage 1 for `train_loop`.
+
+    Args:
+      config: uses `loss.pooling`, `loss.grid_size`, `loss.gap_fallback_bg_fraction`,
+        `loss.roi_windows`.
+      num_groups: when pooling image by image, the batch is split into this many groups that are
+        processed side by side (vmap) and each pooled image by image (lax.map): pass the number of
+        devices, so every device walks through its own images rather than the whole batch.
+      map_over_images: force (True) or forbid (False) pooling image by image; None decides from
+        the ROI tensor's size (`ROI_BYTES_LIMIT`).
+    """
+    options = loss_options(config)
+
+    def loss_fn(model, batch, step):
+        del step
+        # The BAP math runs in float32 whatever the network's compute dtype.
+        features = model(batch["image"]).astype(jnp.float32)
+        weight = model.classifier.weight
+        inputs = (features, batch["bg_mask"], batch["boxes"], batch["box_labels"],
+                  batch["box_valid"])
+        per_image = (pools_per_image(features.shape, batch["boxes"].shape[1])
+                     if map_over_images is None else map_over_images)
+        if not per_image:
+            loss, aux = bap.bap_loss(*inputs, weight, **options)
+        else:
+            groups = num_groups if features.shape[0] % num_groups == 0 else 1
+            grouped = [x.reshape(groups, x.shape[0] // groups, *x.shape[1:]) for x in inputs]
+            _, group_aux = jax.vmap(lambda *xs: bap.bap_loss(
+                *xs, weight, map_over_images=True, **options))(*grouped)
+            loss, aux = combine_group_aux(group_aux)
+        return loss, {key: aux[key] for key in METRIC_KEYS}
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(config) -> nnx.Module:
+    """The labeler of `config.model` with its initial weights (`builders.init_weights`)."""
+    model = builders.build_labeler(config)
+    return builders.init_weights(model, config)
+
+
+def export_labeler(model: nnx.Module, config, workdir: str | Path, step: int) -> Path:
+    """Writes the trained labeler to `WORKDIR/labeler/` and `WORKDIR/labeler.json`.
+
+    Every process takes part (orbax); process 0 writes the JSON.
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = Path(workdir).absolute()
+    path = workdir / LABELER_DIR
+    _, _, variables = nnx.split(model, nnx.RngState, ...)
+    tree = {"variables": nnx.to_pure_dict(variables)}
+    if mesh_lib.is_main_process() and path.exists():
+        shutil.rmtree(path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if mesh_lib.is_main_process():
+        info = {"model": config.model.to_dict(), "step": int(step),
+                "pooling": config.loss.pooling, "grid_size": int(config.loss.grid_size),
+                "class_names": list(builders.class_names(config))}
+        (workdir / LABELER_JSON).write_text(json.dumps(info, indent=2))
+    return path
+
+
+def _stage1_workdir(workdir_or_config) -> Path:
+    if isinstance(workdir_or_config, ml_collections.ConfigDict):
+        workdir = workdir_or_config.pseudo.stage1_workdir
+        if not workdir:
+            raise ValueError("config.pseudo.stage1_workdir is empty: set it to the workdir of a "
+                             "finished `bana stage1` run")
+        return Path(workdir)
+    if isinstance(workdir_or_config, (str, Path)):
+        return Path(workdir_or_config)
+    raise TypeError("workdir_or_config must be a stage-1 workdir (str or Path) or a ConfigDict "
+                    f"with pseudo.stage1_workdir, got {type(workdir_or_config).__name__}")
+
+
+def labeler_info(workdir_or_config) -> dict:
+    """The `labeler.json` of a finished stage-1 run (model config, step, class names)."""
+    workdir = _stage1_workdir(workdir_or_config)
+    path = workdir / LABELER_JSON
+    if not path.is_file() or not (workdir / LABELER_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{workdir} holds no trained labeler ({LABELER_JSON} and {LABELER_DIR}/); run "
+            f"`bana stage1 --workdir={workdir}` to the end first")
+    return json.loads(path.read_text())
+
+
+def _concrete_rng(leaf):
+    # RNG streams are not saved; an eval-mode labeler never draws from them.
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.key(0)
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def load_trained_labeler(workdir_or_config) -> nnx.Module:
+    """The trained stage-1 Labeler (eval mode) of a finished `bana stage1` run.
+
+    Args:
+      workdir_or_config: the stage-1 workdir, or a config whose `pseudo.stage1_workdir` names it.
+    Returns:
+      a `bana_jax.models.Labeler`: `labeler(images (B, H, W, 3))` -> features `(B, h, w, D)`,
+      `labeler.classifier.weight` `(D, C)`. Arrays live on the default device.
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = _stage1_workdir(workdir_or_config).absolute()
+    info = labeler_info(workdir)
+    config = base_config()
+    config.model.update(info["model"])
+    config.model.init = "none"  # the saved weights replace whatever the init would load
+    # Shapes only: no random init of a full VGG16 just to overwrite it.
+    abstract = nnx.eval_shape(lambda: builders.build_labeler(config))
+    graphdef, rng_state, variables = nnx.split(abstract, nnx.RngState, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {"variables": nnx.to_pure_dict(variables)})
+    checkpointer = ocp.StandardCheckpointer()
+    restored = checkpointer.restore(workdir / LABELER_DIR, target)
+    checkpointer.close()
+    nnx.replace_by_pure_dict(variables, restored["variables"])
+    rng_state = jax.tree.map(_concrete_rng, rng_state)
+    model = nnx.merge(graphdef, rng_state, variables)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def mesh_for_batch(batch_size: int) -> jax.sharding.Mesh:
+    """The data mesh over all devices, or, on one process when the batch does not split over
+    them (e.g. a `--shrink` run on 8 devices), over the largest count of devices it splits over."""
+    devices = jax.devices()
+    if batch_size % len(devices) == 0 or jax.process_count() > 1:
+        return mesh_lib.make_data_mesh()  # multi-host: train_loop reports a bad batch size
+    usable = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    logger.warning("data.batch_size=%d does not split over %d devices: training on %d of them",
+                   batch_size, len(devices), usable)
+    return mesh_lib.make_data_mesh(devices[:usable])
+
+
+def train(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
+          stop_after: int | None = None, batches=None) -> TrainResult:
+    """Builds labeler, parameter groups, batches and loss, and runs `train_loop`."""
+    from bana_jax import models
+
+    # Before the model is built: its init compiles too.
+    configure_compilation_cache(config.train.compilation_cache, workdir)
+    mesh = mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
+    model = build_model(config)
+    labels = models.param_group_labels(model)
+    batches = builders.training_batches(config) if batches is None else batches
+    loss_fn = make_loss_fn(config, num_groups=int(mesh.devices.size))
+    return train_loop(config, workdir, model, loss_fn, batches, labels, mesh=mesh,
+                      stop_after=stop_after)
+
+
+def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
+         stop_after: int | None = None) -> dict:
+    """`bana stage1`: trains (or resumes), exports the labeler, reports GT-box accuracy.
+
+    `stop_after` ends the run early at that global step (with a checkpoint; no export), as when
+    a job is cut off; a later call on the same workdir resumes it.
+    """
+    workdir = Path(workdir)
+    result = train(config, workdir, mesh=mesh, stop_after=stop_after)
+    step = int(jax.device_get(result.state.step))
+    summary: dict[str, Any] = {"step": step, "num_steps": int(config.train.num_steps),
+                               "last_metrics": result.last_metrics}
+    if step < config.train.num_steps:
+        logger.info("stopped at step %d of %d; run again on %s to resume", step,
+                    config.train.num_steps, workdir)
+        return summary
+
+    model = result.model()
+    model.eval()
+    export_labeler(model, config, workdir, step)
+    logger.info("trained labeler written to %s", workdir / LABELER_DIR)
+
+    from bana_jax import evaluate_cams
+    from bana_jax.data.common import DataError
+    try:
+        accuracy = evaluate_cams.box_accuracy(model, config, config.eval.split,
+                                              max_images=int(config.eval.max_images))
+    except (OSError, DataError) as err:  # a missing evaluation split must not lose the run
+        logger.warning("no box accuracy: split %r unreadable (%s)", config.eval.split, err)
+        accuracy = None
+    if accuracy is not None:
+        logger.info("classification accuracy on ground-truth boxes (%s, %d boxes, %s): %.2f%%",
+                    config.eval.split, accuracy["num_boxes"], config.loss.pooling,
+                    100 * accuracy["accuracy"])
+    summary["box_accuracy"] = accuracy
+    if mesh_lib.is_main_process():
+        (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=_json_default))
+    return summary
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, jax.Array)):
+        return np.asarray(value).tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
