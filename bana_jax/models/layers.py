@@ -1,0 +1,168 @@
+"""Building blocks with PyTorch semantics, NHWC.
+
+Convolutions use explicit integer padding (PyTorch `padding=p`), pooling follows
+`nn.MaxPool2d` / `nn.AvgPool2d` (including `ceil_mode` and `count_include_pad=True`), and
+`BatchNorm` keeps PyTorch's running-statistics rule (momentum is the weight of the new batch,
+running variance is the unbiased batch variance), so imported checkpoints behave the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# torch.nn.init.normal_(std=0.01): the init of every new (from-scratch) layer in the official code.
+normal_001 = nnx.initializers.normal(stddev=0.01)
+# He/Kaiming normal (fan_in) for backbone convs that are not loaded from a checkpoint.
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def conv2d(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    use_bias: bool = True,
+    kernel_init=he_normal,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """`nn.Conv2d(in_ch, out_ch, kernel, stride, padding, dilation, bias=use_bias)` in NHWC.
+
+    Parameters are float32 (kernel HWIO); `dtype` is the compute dtype.
+    """
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def _pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of a PyTorch pooling window (torch's pooling_output_shape)."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # PyTorch drops a last window that would start in the right padding.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _pool_padding(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool):
+    out = _pool_out_size(size, kernel, stride, padding, ceil_mode)
+    high = (out - 1) * stride + kernel - size - padding
+    if high < 0:  # the last input rows are never covered; crop them instead of padding
+        raise ValueError(
+            f"unsupported pooling geometry: size={size}, kernel={kernel}, stride={stride}, "
+            f"padding={padding} leaves {-high} uncovered rows"
+        )
+    return (padding, high)
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int, *, ceil_mode: bool = False):
+    """`nn.MaxPool2d(kernel, stride, padding, ceil_mode=...)` on `(B, H, W, C)`; pads with -inf."""
+    pads = (
+        (0, 0),
+        _pool_padding(x.shape[1], kernel, stride, padding, ceil_mode),
+        _pool_padding(x.shape[2], kernel, stride, padding, ceil_mode),
+        (0, 0),
+    )
+    init = jnp.array(-jnp.inf, x.dtype)
+    return jax.lax.reduce_window(
+        x, init, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pads
+    )
+
+
+def avg_pool_count_pad(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
+    """`nn.AvgPool2d(kernel, stride, padding)` (count_include_pad=True, floor mode)."""
+    pads = (
+        (0, 0),
+        _pool_padding(x.shape[1], kernel, stride, padding, False),
+        _pool_padding(x.shape[2], kernel, stride, padding, False),
+        (0, 0),
+    )
+    summed = jax.lax.reduce_window(
+        x, jnp.array(0, x.dtype), jax.lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pads
+    )
+    return summed / jnp.asarray(kernel * kernel, x.dtype)
+
+
+def channel_dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """`nn.Dropout2d(rate)`: one keep/drop decision per (sample, channel), shared over H, W."""
+    return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
+
+
+class BatchNorm(nnx.Module):
+    """`nn.BatchNorm2d` on `(B, H, W, C)` with PyTorch's running-statistics semantics.
+
+    momentum: PyTorch convention, `running = (1 - momentum) * running + momentum * batch`
+      (flax's momentum is `1 - momentum`). The running variance uses the unbiased batch variance.
+    frozen: always normalise with the running statistics and never update them (the official
+      `freeze_bn()`: BN modules in eval mode while the network trains; scale/bias still learn).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.1,
+        epsilon: float = 1e-5,
+        frozen: bool = False,
+        dtype=jnp.float32,
+    ):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.frozen = frozen
+        self.dtype = dtype
+        self.use_running_average = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average or self.frozen:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            count = x.shape[0] * x.shape[1] * x.shape[2]
+            unbiased = var * (count / max(count - 1, 1))
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        y = (x.astype(jnp.float32) - mean) * inv + self.bias[...]
+        return y.astype(self.dtype)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """`F.normalize(x, dim=axis)`: x / max(||x||, eps)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def check_images(images: jax.Array, name: str = "images") -> None:
+    """Raise a ValueError unless `images` is `(B, H, W, 3)`."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{name} must be (B, H, W, 3) Caffe-normalised BGR, got shape {images.shape}")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)
