@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 FEATURE_STEP = 16  # feature maps are padded to multiples of this (x8 pixels)
 IMAGE_STEP = 128  # image geometry is padded to multiples of this
+# Boxes and classes per image are padded to powers of two, at least these (VOC: 1-3 classes and
+# 1-6 boxes in most images, so one or two compilations per image bucket).
+MIN_BOXES, MIN_CLASSES = 8, 4
 BASELINES = ("box_fill", "grabcut")
 METHODS = ("y_crf", "y_ret", "agreement") + BASELINES
 
@@ -134,12 +137,19 @@ def _is_finished(paths: dict) -> bool:
     return paths["y_crf"].is_file() and paths["y_ret"].is_file()
 
 
-def _remove_stale_temporaries(paths: dict) -> None:
-    """Temporary files a killed run left for this image (io's `.NAME.XXXX.tmp`)."""
-    for path in paths.values():
-        if path.parent.is_dir():
-            for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-                tmp.unlink(missing_ok=True)
+def _stale_temporaries(out_dir: Path) -> dict:
+    """Temporary files a killed run left (`.NAME.png.XXXX.tmp`, see bana_jax.io), by image id.
+
+    Listed once up front (not globbed per image, which would be quadratic in the split size)."""
+    stale = collections.defaultdict(list)
+    for folder in (out_dir / "Y_crf", out_dir / "Y_ret", out_dir / "baselines" / "grabcut",
+                   out_dir / "visualisations"):
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                name = entry.name
+                if name.startswith(".") and name.endswith(".tmp") and ".png." in name:
+                    stale[name[1:name.rindex(".png.")]].append(Path(entry.path))
+    return stale
 
 
 def _check_sample(sample: dict) -> tuple:
@@ -302,6 +312,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     bar = tqdm(total=len(indices), unit="img", desc="stage2", disable=not progress or tqdm is None,
                dynamic_ncols=True) if tqdm else None
 
+    stale = _stale_temporaries(out_dir)  # only this host's images' are removed (hosts may share out_dir)
     wall_start = time.perf_counter()
     pending = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage2-cpu") as pool:
@@ -321,8 +332,9 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
             compute = not _is_finished(paths)
             job = _Job(id=image_id, image=image, boxes=boxes, box_labels=box_labels, label=label,
                        paths=paths, compute=compute, prepared=None, visualise=False, device_seconds=0.0)
+            for tmp in stale.pop(image_id, ()):
+                tmp.unlink(missing_ok=True)
             if compute:
-                _remove_stale_temporaries(paths)
                 totals["computed"] += 1
                 job.visualise = visualise and totals["computed"] <= num_visualisations
                 if len(boxes):
@@ -393,8 +405,8 @@ def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step) 
     num_present = len(np.unique(job.box_labels))
     prepared = pl.prepare_boxes(baselines_lib.half_open_boxes(job.boxes), job.box_labels, (height, width),
                                 weight, unseen_classes=unseen_classes,
-                                max_boxes=_pow2_at_least(len(job.boxes), 4),
-                                max_classes=_pow2_at_least(num_present, 2))
+                                max_boxes=_pow2_at_least(len(job.boxes), MIN_BOXES),
+                                max_classes=_pow2_at_least(num_present, MIN_CLASSES))
     unaries = pl.stage2_unaries(features, geom, prepared, use_bg_unary=bool(use_u0))
     job.probs = np.ascontiguousarray(np.asarray(unaries.probs)[:1 + num_present, :height, :width])
     job.features, job.geom, job.prepared = features, geom, prepared
