@@ -180,7 +180,7 @@ class _Job:
 def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Sequence[str] = BASELINES,
                            unseen_classes: Sequence[int] = (), class_names: Sequence[str] | None = None,
                            workers: int | None = None, image_step: int = IMAGE_STEP,
-                           num_visualisations: int = 8, progress: bool = True,
+                           num_visualisations: int = 8, progress: bool = True, report: bool = True,
                            process_index: int | None = None, process_count: int | None = None) -> dict:
     """Label every image of `source` (this host's share) and score the labels; returns the summary.
 
@@ -199,6 +199,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
       image_step: image buckets are multiples of this many pixels.
       num_visualisations: panels for the first N images of this host (when save_visualisations).
       progress: show a tqdm bar (rate, ETA).
+      report: print the per-class table and the timing split at the end (process 0).
       process_index, process_count: host sharding (default: jax.process_index() / process_count()).
 
     Returns the summary dict (also `out_dir/summary.json`, written by process 0):
@@ -391,7 +392,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
         if panels:  # every panel so far, this run's and earlier runs'
             titles = vis_titles or list(visualize.PANEL_COLUMNS)
             visualize.write_index(vis_dir, [{"id": p.stem, "file": p.name, "titles": titles} for p in panels])
-        _report(summary, class_names)
+        if report:
+            _report(summary, class_names)
     return summary
 
 

@@ -358,3 +358,27 @@ def test_bad_settings(tmp_path):
     bad = dict(rectangle_sample(), image=np.zeros((SIZE, SIZE), np.uint8))
     with pytest.raises(ValueError, match="image"):
         stage2.generate_pseudo_labels(make_labeler(), ListSource([bad]), make_config(), tmp_path, progress=False)
+
+
+def test_main_reads_the_config(tmp_path, monkeypatch):
+    """`bana stage2` wiring: the labeler from pseudo.stage1_workdir, the split, WORKDIR/pseudo_labels."""
+    import types
+
+    seen = []
+    fake_stage1 = types.ModuleType("bana_jax.stage1")
+    fake_stage1.load_trained_labeler = lambda workdir: seen.append(workdir) or make_labeler()
+    monkeypatch.setitem(sys.modules, "bana_jax.stage1", fake_stage1)
+    config = make_config()
+    config.data.name = "synthetic"
+    config.data.synthetic_images, config.data.synthetic_size = 2, SIZE
+    config.pseudo.split, config.pseudo.stage1_workdir = "val", str(tmp_path / "s1")
+    config.train.compilation_cache, config.train.progress_bar = "", False
+    summary = stage2.main(config, tmp_path / "work")
+    assert seen == [str(tmp_path / "s1")] and summary["images"] == 2
+    val = SyntheticSource(num_images=2, image_size=SIZE, num_classes=NUM_CLASSES - 1, seed=1)
+    for i in range(2):
+        assert (tmp_path / "work" / "pseudo_labels" / "Y_crf" / f"{val[i]['id']}.png").is_file()
+    assert (tmp_path / "work" / "pseudo_labels" / "summary.json").is_file()
+    config.pseudo.stage1_workdir = ""
+    with pytest.raises(ValueError, match="stage1_workdir"):
+        stage2.main(config, tmp_path / "work")
