@@ -250,9 +250,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
         result = {"id": job.id}
         if job.compute:
             start = time.perf_counter()
-            if job.prepared is None:  # no boxes: everything is background
+            if job.prepared is None:  # no boxes: everything is background (and not timed)
                 y_crf = y_ret = np.zeros(job.image.shape[:2], np.uint8)
-                crf_end = ret_end = start
             else:
                 refined = crf_ext.dense_crf(job.image, job.probs, num_threads=1, **crf_params)
                 crf_end = time.perf_counter()
@@ -264,9 +263,9 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                 ret_end = time.perf_counter()
                 y_crf = pl.channels_to_classes(crf_map, job.prepared.classes)
                 y_ret = pl.channels_to_classes(ret_map, job.prepared.classes)
+                result.update(crf=crf_end - start, retrieval=ret_end - crf_end, device=job.device_seconds)
             bio.write_label_png(job.paths["y_ret"], y_ret)
             bio.write_label_png(job.paths["y_crf"], y_crf)  # last: its presence marks "finished"
-            result.update(crf=crf_end - start, retrieval=ret_end - crf_end, device=job.device_seconds)
             if job.visualise:
                 tiles, titles = visualize.pseudo_label_panel(
                     job.image, job.boxes, job.box_labels, y_crf, y_ret, bg_unary=job.bg_unary,
