@@ -1,8 +1,12 @@
 """Box-supervised pseudo-label baselines of the paper's Table 1: box-fill and GrabCut (CPU, NumPy).
 
 Both return a uint8 label map `(H, W)` (0 = background, else the box's class id). Where boxes
-overlap the smaller box is drawn on top. Boxes follow the stage-2 pixel convention
-(`pseudo_labels.box_pixels`): box k covers rows `floor(y_min) .. floor(y_max) - 1`, likewise columns.
+overlap the smaller box is drawn on top.
+
+Boxes are in the raw-sample convention of the data sources (`bana_jax.data.common`): pixel indices,
+both ends inclusive, so `[3, 0, 7, 4]` covers columns 3..7 and rows 0..4 (COCO `[x, y, x + w - 1,
+y + h - 1]`, VOC minus one). `pseudo_labels` takes half-open boxes instead (the official
+`mask[y0:y1, x0:x1]`); `half_open_boxes` converts, and the stage-2 runner feeds both from it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,18 @@ import numpy as np
 from bana_jax.pseudo_labels import box_pixels
 
 
+def half_open_boxes(boxes) -> np.ndarray:
+    """Inclusive pixel boxes `(K, 4)` `[x_min, y_min, x_max, y_max]` -> half-open `[x0, y0, x1, y1)`
+    (x_max + 1, y_max + 1), the convention of `pseudo_labels.box_pixels`. float32 `(K, 4)`."""
+    boxes = np.array(boxes, np.float32)  # a copy
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be (K, 4) [x_min, y_min, x_max, y_max], got shape {boxes.shape}")
+    boxes[:, 2:] += 1.0
+    return boxes
+
+
 def _check_image_hw(image_hw):
     if len(image_hw) != 2 or min(image_hw) < 1:
         raise ValueError(f"image_hw must be (height, width) >= 1, got {image_hw}")
@@ -19,7 +35,7 @@ def _check_image_hw(image_hw):
 
 
 def _boxes_large_to_small(boxes, box_labels, image_hw):
-    px = box_pixels(boxes, image_hw)
+    px = box_pixels(half_open_boxes(boxes), image_hw)
     labels = np.asarray(box_labels)
     if labels.shape != (len(px),):
         raise ValueError(f"box_labels must be (K,) = ({len(px)},), got shape {labels.shape}")
@@ -31,7 +47,10 @@ def _boxes_large_to_small(boxes, box_labels, image_hw):
 
 
 def box_fill(boxes, box_labels, image_hw) -> np.ndarray:
-    """Each box filled with its class, smaller boxes on top. -> uint8 `(H, W)`."""
+    """Each box filled with its class, smaller boxes on top. -> uint8 `(H, W)`.
+
+    boxes `(K, 4)` inclusive pixel `[x_min, y_min, x_max, y_max]`; box_labels `(K,)` in 1..254.
+    """
     height, width = _check_image_hw(image_hw)
     label = np.zeros((height, width), np.uint8)
     for (x0, y0, x1, y1), cls in zip(*_boxes_large_to_small(boxes, box_labels, (height, width))):
@@ -40,7 +59,8 @@ def box_fill(boxes, box_labels, image_hw) -> np.ndarray:
 
 
 def grabcut_box(image, box_px, *, iterations: int = 5, seed: int = 0) -> np.ndarray:
-    """GrabCut initialised from one pixel box `[x0, y0, x1, y1]` -> bool foreground `(H, W)`.
+    """GrabCut initialised from one half-open integer box `[x0, y0, x1, y1)` (rows y0..y1-1)
+    -> bool foreground `(H, W)`.
 
     Outside the box is definite background, inside probable foreground (cv2.GC_INIT_WITH_RECT).
     A box that leaves no background pixel, or is thinner than 2 pixels, is returned filled
@@ -73,7 +93,8 @@ def grabcut_box(image, box_px, *, iterations: int = 5, seed: int = 0) -> np.ndar
 def grabcut(image, boxes, box_labels, *, iterations: int = 5, seed: int = 0) -> np.ndarray:
     """GrabCut per box; each box's foreground gets its class, smaller boxes on top. -> uint8 `(H, W)`.
 
-    image uint8 `(H, W, 3)`; boxes `(K, 4)` pixel `[x_min, y_min, x_max, y_max]`; box_labels `(K,)`.
+    image uint8 `(H, W, 3)`; boxes `(K, 4)` inclusive pixel `[x_min, y_min, x_max, y_max]`;
+    box_labels `(K,)`.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

@@ -7,7 +7,8 @@ from bana_jax import baselines
 
 
 def test_box_fill_smaller_on_top_in_any_order():
-    big, small = [0, 0, 8, 6], [2.5, 1.2, 5.9, 4.0]  # small covers rows 1..3, cols 2..4
+    # Inclusive boxes: big covers rows 0..5, cols 0..7; small (fractional) rows 1..3, cols 2..4.
+    big, small = [0, 0, 7, 5], [2.5, 1.2, 4.9, 3.0]
     expected = np.zeros((7, 10), np.uint8)
     expected[0:6, 0:8] = 3
     expected[1:4, 2:5] = 9
@@ -15,6 +16,20 @@ def test_box_fill_smaller_on_top_in_any_order():
         got = baselines.box_fill(np.array(boxes, np.float32), labels, (7, 10))
         np.testing.assert_array_equal(got, expected)
     assert baselines.box_fill(np.zeros((0, 4)), [], (3, 4)).sum() == 0
+
+
+def test_box_convention_is_inclusive():
+    # A box drawn tightly around an object's pixels (as COCO/VOC/synthetic sources give it:
+    # first and last pixel) fills exactly that object.
+    obj = np.zeros((12, 15), bool)
+    obj[3:9, 4:11] = True  # rows 3..8, cols 4..10
+    ys, xs = np.nonzero(obj)
+    box = np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], np.float32)
+    np.testing.assert_array_equal(baselines.box_fill(box, [5], obj.shape) == 5, obj)
+    np.testing.assert_array_equal(baselines.half_open_boxes(box), [[4, 3, 11, 9]])
+    assert baselines.half_open_boxes(np.zeros((0, 4))).shape == (0, 4)
+    with pytest.raises(ValueError, match="boxes"):
+        baselines.half_open_boxes(np.zeros((2, 3)))
 
 
 def test_box_fill_bad_labels():
@@ -41,7 +56,7 @@ def iou(a, b):
 
 def test_grabcut_segments_a_disk():
     image, disk = disk_image()
-    box = np.array([[44 - 16 - 6, 38 - 16 - 5, 44 + 17 + 6, 38 + 17 + 5]], np.float32)
+    box = np.array([[44 - 16 - 6, 38 - 16 - 5, 44 + 16 + 6, 38 + 16 + 5]], np.float32)
     label = baselines.grabcut(image, box, [7])
     assert set(np.unique(label)) <= {0, 7}
     assert iou(label == 7, disk) > 0.9
@@ -54,12 +69,12 @@ def test_grabcut_segments_a_disk():
 
 def test_grabcut_degenerate_boxes_and_overlap():
     image, disk = disk_image(size=40, centre=(20, 20), radius=8)
-    whole = baselines.grabcut(image, np.array([[0, 0, 40, 40]], np.float32), [2])
+    whole = baselines.grabcut(image, np.array([[0, 0, 39, 39]], np.float32), [2])
     assert np.all(whole == 2)  # no background sample: the box is filled
-    thin = baselines.grabcut(image, np.array([[5, 5, 6, 30]], np.float32), [4])
+    thin = baselines.grabcut(image, np.array([[5, 5, 5, 29]], np.float32), [4])  # 1 x 25 pixels
     assert (thin == 4).sum() == 25
     # A small box inside a larger one is painted on top.
-    both = baselines.grabcut(image, np.array([[2, 2, 38, 38], [5, 5, 6, 30]], np.float32), [2, 4])
+    both = baselines.grabcut(image, np.array([[2, 2, 37, 37], [5, 5, 5, 29]], np.float32), [2, 4])
     assert (both == 4).sum() == 25
     with pytest.raises(ValueError, match="image"):
         baselines.grabcut(image.astype(np.float32), np.zeros((0, 4)), [])

@@ -1,0 +1,469 @@
+"""Stage 2 runner: pseudo labels `Y_crf`, `Y_ret` for a whole split, resumable, timed and scored.
+
+    bana stage2 --config=configs/voc/stage2.py --workdir=DIR --config.pseudo.stage1_workdir=S1
+
+writes `OUT/Y_crf/<id>.png`, `OUT/Y_ret/<id>.png` (uint8 palette PNGs, values = class ids) and
+`OUT/summary.json`, OUT = `pseudo.output_dir` or `DIR/pseudo_labels`. The math is
+`bana_jax.pseudo_labels`; this module schedules it:
+
+- Device (main thread): backbone features, then the unaries (`u_0`, `u_c`, in-box softmax) at a
+  bucket size. Retrieval (`Y_ret`) is device work too, run from the CPU workers once the CRF is done.
+- CPU (a thread pool): DenseCRF (`crf_ext`, GIL released, one image per thread), the box masking
+  and argmax, the baselines (box-fill, GrabCut), and the atomic PNG writes. Up to
+  `2 * workers` images are in flight, so the device works on the next images meanwhile.
+- Hosts: process i of n labels images i, i + n, ...; the confusion matrices are summed over hosts
+  and process 0 writes the summary.
+- Resume: an image is finished when both its PNGs exist (each written to a temporary name and
+  renamed, Y_crf last), and a restarted run skips it (it is still scored, from the PNGs).
+
+Boxes: the data sources give inclusive pixel boxes; `pseudo_labels` wants half-open ones
+(`mask[y0:y1, x0:x1]`), so they are converted once here (`baselines.half_open_boxes`). The
+baselines take the inclusive boxes themselves.
+
+Shapes and compilation: the backbone is compiled per exact image size, NOT for a padded bucket.
+Zero-padding the normalised image changes the features inside the valid region (the padded
+region's activations are not zero after the first conv + ReLU, and the receptive field of fc7 spans
+most of the image), so padded features would not be the official ones (checked on the tiny and
+VGG16 labelers: differences of the order of the features themselves). Everything after the
+backbone is bucketed: the features are zero-padded to multiples of `FEATURE_STEP`, the image
+geometry to multiples of `image_step` pixels, boxes and classes to powers of two, which
+`pseudo_labels` proves does not change the result. Datasets have few distinct sizes in practice
+(COCO mostly 640 x 480 / 480 x 640), and a persistent compilation cache (`train.compilation_cache`)
+keeps the per-size backbone compilations across runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import crf_ext
+from bana_jax import baselines as baselines_lib
+from bana_jax import io as bio
+from bana_jax import metrics
+from bana_jax import pseudo_labels as pl
+from bana_jax import visualize
+from bana_jax.data.transforms import caffe_normalize
+
+log = logging.getLogger(__name__)
+
+FEATURE_STEP = 16  # feature maps are padded to multiples of this (x8 pixels)
+IMAGE_STEP = 128  # image geometry is padded to multiples of this
+# Boxes and classes per image are padded to powers of two, at least these (VOC: 1-3 classes and
+# 1-6 boxes in most images, so one or two compilations per image bucket).
+MIN_BOXES, MIN_CLASSES = 8, 4
+BASELINES = ("box_fill", "grabcut")
+METHODS = ("y_crf", "y_ret", "agreement") + BASELINES
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-int(n) // step) * step
+
+
+def _pow2_at_least(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def _labeler_features(graphdef, state, images):
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(images)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _padded_features(graphdef, state, images, bucket):
+    """`(1, H, W, 3)` -> float32 `(hb, wb, D)`: the features, zero-padded to the bucket."""
+    features = _labeler_features(graphdef, state, images)[0].astype(jnp.float32)
+    return jnp.pad(features, ((0, bucket[0] - features.shape[0]), (0, bucket[1] - features.shape[1]), (0, 0)))
+
+
+class FeatureExtractor:
+    """Eval-mode labeler features of one image, compiled once per exact image size.
+
+    `extractor(image uint8 (H, W, 3))` -> (float32 features `(hb, wb, D)` on the device, zero-padded
+    to the feature bucket, the true feature size `(h, w)`). The labeler is put in eval mode.
+    """
+
+    def __init__(self, labeler, feature_step: int = FEATURE_STEP):
+        from flax import nnx
+
+        labeler.eval()
+        self.classifier_weight = np.asarray(labeler.classifier.weight, np.float32)  # (D, C)
+        self._graphdef, self._state = nnx.split(labeler)
+        self.feature_step = feature_step
+        self._feature_sizes = {}
+        self.image_sizes = set()  # distinct sizes seen (one backbone compilation each)
+
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        if (height, width) not in self._feature_sizes:
+            shape = jax.eval_shape(functools.partial(_labeler_features, self._graphdef), self._state,
+                                   jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)).shape
+            self._feature_sizes[height, width] = int(shape[1]), int(shape[2])
+        return self._feature_sizes[height, width]
+
+    def __call__(self, image: np.ndarray):
+        height, width = image.shape[:2]
+        h, w = self.feature_size(height, width)
+        bucket = (_round_up(h, self.feature_step), _round_up(w, self.feature_step))
+        self.image_sizes.add((height, width))
+        normalised = jnp.asarray(caffe_normalize(image)[None])
+        return _padded_features(self._graphdef, self._state, normalised, bucket), (h, w)
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(feature_hw, image_hw, feature_bucket, image_bucket) -> pl.Geometry:
+    return pl.make_geometry(feature_hw, image_hw, padded_feature_hw=feature_bucket,
+                            padded_image_hw=image_bucket)
+
+
+def _paths(out_dir: Path, image_id: str) -> dict:
+    return {"y_crf": out_dir / "Y_crf" / f"{image_id}.png", "y_ret": out_dir / "Y_ret" / f"{image_id}.png",
+            "grabcut": out_dir / "baselines" / "grabcut" / f"{image_id}.png"}
+
+
+def _is_finished(paths: dict) -> bool:
+    return paths["y_crf"].is_file() and paths["y_ret"].is_file()
+
+
+def _stale_temporaries(out_dir: Path) -> dict:
+    """Temporary files a killed run left (`.NAME.png.XXXX.tmp`, see bana_jax.io), by image id.
+
+    Listed once up front (not globbed per image, which would be quadratic in the split size)."""
+    stale = collections.defaultdict(list)
+    for folder in (out_dir / "Y_crf", out_dir / "Y_ret", out_dir / "baselines" / "grabcut",
+                   out_dir / "visualisations"):
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                name = entry.name
+                if name.startswith(".") and name.endswith(".tmp") and ".png." in name:
+                    stale[name[1:name.rindex(".png.")]].append(Path(entry.path))
+    return stale
+
+
+def _check_sample(sample: dict) -> tuple:
+    image = np.asarray(sample["image"])
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"sample {sample.get('id')!r}: image must be uint8 (H, W, 3), got "
+                         f"{image.dtype} {image.shape}")
+    boxes = np.asarray(sample["boxes"], np.float32).reshape(-1, 4)
+    labels = np.asarray(sample["box_labels"], np.int64).reshape(-1)
+    if len(boxes) != len(labels):
+        raise ValueError(f"sample {sample['id']!r}: {len(boxes)} boxes but {len(labels)} box_labels")
+    label = sample.get("label")
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"sample {sample['id']!r}: label shape {label.shape} differs from the "
+                             f"image {image.shape[:2]}")
+    return image, boxes, labels, label
+
+
+class _Job:
+    """One image between the device and the CPU workers."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Sequence[str] = BASELINES,
+                           unseen_classes: Sequence[int] = (), class_names: Sequence[str] | None = None,
+                           workers: int | None = None, image_step: int = IMAGE_STEP,
+                           num_visualisations: int = 8, progress: bool = True, report: bool = True,
+                           process_index: int | None = None, process_count: int | None = None) -> dict:
+    """Label every image of `source` (this host's share) and score the labels; returns the summary.
+
+    Args:
+      labeler: a `bana_jax.models.Labeler` (trained; put in eval mode here).
+      source: random-access raw samples (`image`, `boxes` inclusive pixels, `box_labels`, `id`,
+        optional `label`).
+      config: uses `pseudo.use_u0`, `pseudo.grid_size` (1), `pseudo.bg_threshold` (0.99),
+        `pseudo.save_visualisations`, `crf.*`, `model.num_classes`.
+      out_dir: where `Y_crf/`, `Y_ret/`, `baselines/grabcut/`, `visualisations/`, `summary.json` go.
+      baselines: which of "box_fill", "grabcut" to score when ground truth exists (GrabCut costs
+        about a second per box on a CPU; its labels are kept under `baselines/grabcut/`).
+      unseen_classes: class ids without a trained classifier weight (`1 - u_0` inside their boxes).
+      class_names: names of the C classes for the per-class table (default: the source's, if any).
+      workers: CPU threads for the CRF and baselines (default: all cores).
+      image_step: image buckets are multiples of this many pixels.
+      num_visualisations: panels for the first N images of this host (when save_visualisations).
+      progress: show a tqdm bar (rate, ETA).
+      report: print the per-class table and the timing split at the end (process 0).
+      process_index, process_count: host sharding (default: jax.process_index() / process_count()).
+
+    Returns the summary dict (also `out_dir/summary.json`, written by process 0):
+      `{"images": N, "computed": n, "skipped": n, "images_with_ground_truth": n,
+        "miou": {"y_crf", "y_ret", "agreement", "box_fill", "grabcut"} (percent, or absent without
+        ground truth), "per_class": {name: {method: IoU %}}, "agreement_fraction": ..,
+        "seconds_per_image": {"features", "crf", "retrieval", "baselines", "features_mean",
+        "crf_mean", "wall"}, ...}`.
+      "agreement" is Y_crf scored only on the pixels where Y_crf == Y_ret (the reliable region S);
+      "agreement_fraction" the share of labelled pixels in S. Timings are medians over the images
+      computed in this run on this host (None when all were done already): "features" = backbone +
+      unaries + retrieval (device), "crf" = DenseCRF (CPU, one thread); "wall" = this run's wall
+      time per computed image (compilations included; CPU and device work overlap).
+    """
+    out_dir = Path(out_dir)
+    pseudo, crf_cfg = config.pseudo, config.crf
+    if pseudo.grid_size != 1:
+        raise ValueError(f"pseudo.grid_size must be 1 (one background prototype), got {pseudo.grid_size}")
+    if abs(pseudo.bg_threshold - pl.BG_THRESHOLD) > 1e-12:
+        raise ValueError(f"pseudo.bg_threshold must be {pl.BG_THRESHOLD} (fixed in pseudo_labels), "
+                         f"got {pseudo.bg_threshold}")
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)}")
+    num_classes = int(config.model.num_classes)
+    if class_names is None:
+        class_names = getattr(source, "class_names", None)
+    if class_names is None or len(class_names) != num_classes:
+        class_names = tuple(f"class_{c}" for c in range(num_classes))
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    indices = range(process_index, len(source), process_count)
+    crf_params = dict(bi_w=crf_cfg.bi_w, bi_xy_std=crf_cfg.bi_xy_std, bi_rgb_std=crf_cfg.bi_rgb_std,
+                      pos_w=crf_cfg.pos_w, pos_xy_std=crf_cfg.pos_xy_std, n_iter=crf_cfg.iterations)
+    workers = workers or os.cpu_count() or 1
+    extractor = FeatureExtractor(labeler)
+    weight = extractor.classifier_weight
+    visualise = bool(pseudo.save_visualisations) and num_visualisations > 0
+    vis_dir = out_dir / "visualisations"
+
+    conf = {m: np.zeros((num_classes, num_classes), np.int64) for m in METHODS}
+    totals = collections.Counter()  # image counts
+    seconds = collections.defaultdict(list)  # per computed image: features, crf, retrieval, baselines
+    vis_titles = []
+
+    def finish(job: _Job) -> dict:
+        """CPU side of one image (a worker thread): CRF, Y_crf, Y_ret, writes, baselines."""
+        result = {"id": job.id}
+        if job.compute:
+            start = time.perf_counter()
+            if job.prepared is None:  # no boxes: everything is background (and not timed)
+                y_crf = y_ret = np.zeros(job.image.shape[:2], np.uint8)
+            else:
+                refined = crf_ext.dense_crf(job.image, job.probs, num_threads=1, **crf_params)
+                crf_end = time.perf_counter()
+                crf_map = pl.crf_channels(refined, job.prepared.boxes_px, job.prepared.box_channel)
+                padded_map = np.full((job.geom.rows.shape[0], job.geom.cols.shape[0]), -1, np.int32)
+                padded_map[:crf_map.shape[0], :crf_map.shape[1]] = crf_map
+                ret = pl.retrieval(job.features, job.geom, padded_map, job.prepared)
+                ret_map = np.asarray(ret.channels)[:crf_map.shape[0], :crf_map.shape[1]]
+                ret_end = time.perf_counter()
+                y_crf = pl.channels_to_classes(crf_map, job.prepared.classes)
+                y_ret = pl.channels_to_classes(ret_map, job.prepared.classes)
+                result.update(crf=crf_end - start, retrieval=ret_end - crf_end, device=job.device_seconds)
+            bio.write_label_png(job.paths["y_ret"], y_ret)
+            bio.write_label_png(job.paths["y_crf"], y_crf)  # last: its presence marks "finished"
+            if job.visualise:
+                tiles, titles = visualize.pseudo_label_panel(
+                    job.image, job.boxes, job.box_labels, y_crf, y_ret, bg_unary=job.bg_unary,
+                    class_unary_max=job.class_unary_max, label=job.label)
+                visualize.write_png(vis_dir / f"{job.id}.png", tiles)
+                result["vis_titles"] = titles
+        else:
+            y_crf, y_ret = bio.read_label_png(job.paths["y_crf"]), bio.read_label_png(job.paths["y_ret"])
+        if job.label is not None:
+            start = time.perf_counter()
+            preds = {"y_crf": y_crf, "y_ret": y_ret}
+            if "box_fill" in baselines:
+                preds["box_fill"] = baselines_lib.box_fill(job.boxes, job.box_labels, job.image.shape[:2])
+            if "grabcut" in baselines:
+                path = job.paths["grabcut"]
+                if path.is_file():
+                    preds["grabcut"] = bio.read_label_png(path)
+                else:
+                    preds["grabcut"] = baselines_lib.grabcut(job.image, job.boxes, job.box_labels)
+                    bio.write_label_png(path, preds["grabcut"])
+            result["baselines"] = time.perf_counter() - start
+            label = job.label
+            result["conf"] = {m: metrics.confusion_matrix(p, label, num_classes) for m, p in preds.items()}
+            reliable_label = np.where(y_crf == y_ret, label, metrics.IGNORE_INDEX)
+            result["conf"]["agreement"] = metrics.confusion_matrix(y_crf, reliable_label, num_classes)
+        return result
+
+    def collect(result: dict) -> None:
+        for m, c in result.get("conf", {}).items():
+            conf[m] += c
+        totals["scored"] += "conf" in result
+        for key in ("crf", "retrieval", "baselines"):
+            if key in result:
+                seconds[key].append(result[key])
+        if "device" in result:
+            seconds["features"].append(result["device"] + result["retrieval"])
+        if "vis_titles" in result:
+            vis_titles[:] = result["vis_titles"]
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=len(indices), unit="img", desc="stage2", disable=not progress or tqdm is None,
+               dynamic_ncols=True) if tqdm else None
+
+    stale = _stale_temporaries(out_dir)  # only this host's images' are removed (hosts may share out_dir)
+    wall_start = time.perf_counter()
+    pending = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage2-cpu") as pool:
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                collect(pending.popleft().result())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(computed=totals["computed"], skipped=totals["skipped"], refresh=False)
+
+        for index in indices:
+            sample = source[index]
+            image, boxes, box_labels, label = _check_sample(sample)
+            image_id = str(sample["id"])
+            paths = _paths(out_dir, image_id)
+            compute = not _is_finished(paths)
+            job = _Job(id=image_id, image=image, boxes=boxes, box_labels=box_labels, label=label,
+                       paths=paths, compute=compute, prepared=None, visualise=False, device_seconds=0.0)
+            for tmp in stale.pop(image_id, ()):
+                tmp.unlink(missing_ok=True)
+            if compute:
+                totals["computed"] += 1
+                job.visualise = visualise and totals["computed"] <= num_visualisations
+                if len(boxes):
+                    start = time.perf_counter()
+                    _device_unaries(job, extractor, weight, pseudo.use_u0, unseen_classes, image_step)
+                    job.device_seconds = time.perf_counter() - start
+                else:
+                    job.bg_unary, job.class_unary_max = np.ones(image.shape[:2], np.float32), None
+            else:
+                totals["skipped"] += 1
+            pending.append(pool.submit(finish, job))
+            drain(2 * workers)
+        drain(0)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - wall_start
+
+    # Sum over hosts: confusion matrices and counts (int64, exact).
+    for m in METHODS:
+        conf[m] = metrics.sum_across_hosts(conf[m])
+    counts = metrics.sum_across_hosts(np.array(
+        [[len(indices), totals["computed"], totals["skipped"], totals["scored"]]], np.int64))[0]
+    computed = totals["computed"]
+    median = lambda values: float(np.median(values)) if values else None  # noqa: E731
+    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    summary = {
+        "images": int(counts[0]), "computed": int(counts[1]), "skipped": int(counts[2]),
+        "images_with_ground_truth": int(counts[3]),
+        # Medians over this run's computed images (compilations show in the means and in wall).
+        "seconds_per_image": {
+            "features": median(seconds["features"]), "crf": median(seconds["crf"]),
+            "retrieval": median(seconds["retrieval"]), "baselines": median(seconds["baselines"]),
+            "features_mean": mean(seconds["features"]), "crf_mean": mean(seconds["crf"]),
+            "wall": wall / computed if computed else None,
+        },
+        "timing_scope": f"host {process_index} of {process_count}, {computed} computed images, "
+                        f"{workers} CPU workers, device {jax.devices()[0].platform}",
+        "backbone_image_sizes": len(extractor.image_sizes),
+        "settings": {"use_u0": bool(pseudo.use_u0), "crf": crf_params, "unseen_classes": list(unseen_classes),
+                     "baselines": list(baselines)},
+    }
+    if counts[3]:
+        methods = [m for m in METHODS if m in ("y_crf", "y_ret", "agreement") or m in baselines]
+        ious = {m: metrics.per_class_iou(conf[m]) for m in methods}
+        summary["miou"] = {m: _percent(metrics.mean_iou(conf[m])) for m in methods}
+        summary["per_class"] = {name: {m: _percent(ious[m][c]) for m in methods}
+                                for c, name in enumerate(class_names)}
+        labelled = conf["y_crf"].sum()
+        summary["agreement_fraction"] = float(conf["agreement"].sum() / labelled) if labelled else None
+        summary["pixel_accuracy"] = {m: _percent(metrics.pixel_accuracy(conf[m])) for m in methods}
+    if process_index == 0:
+        bio.write_json(out_dir / "summary.json", summary)
+        panels = sorted(vis_dir.glob("*.png")) if visualise else []
+        if panels:  # every panel so far, this run's and earlier runs'
+            titles = vis_titles or list(visualize.PANEL_COLUMNS)
+            visualize.write_index(vis_dir, [{"id": p.stem, "file": p.name, "titles": titles} for p in panels])
+        if report:
+            _report(summary, class_names)
+    return summary
+
+
+def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step) -> None:
+    """Backbone + unaries of one image; fills job.features, geom, prepared, probs (host)."""
+    height, width = job.image.shape[:2]
+    features, feature_hw = extractor(job.image)
+    feature_bucket = features.shape[:2]
+    image_bucket = (_round_up(height, image_step), _round_up(width, image_step))
+    geom = _geometry(feature_hw, (height, width), tuple(feature_bucket), image_bucket)
+    num_present = len(np.unique(job.box_labels))
+    prepared = pl.prepare_boxes(baselines_lib.half_open_boxes(job.boxes), job.box_labels, (height, width),
+                                weight, unseen_classes=unseen_classes,
+                                max_boxes=_pow2_at_least(len(job.boxes), MIN_BOXES),
+                                max_classes=_pow2_at_least(num_present, MIN_CLASSES))
+    unaries = pl.stage2_unaries(features, geom, prepared, use_bg_unary=bool(use_u0))
+    job.probs = np.ascontiguousarray(np.asarray(unaries.probs)[:1 + num_present, :height, :width])
+    job.features, job.geom, job.prepared = features, geom, prepared
+    if job.visualise:
+        job.bg_unary = np.asarray(unaries.bg_unary)[:height, :width]
+        job.class_unary_max = np.asarray(unaries.class_unary)[:num_present, :height, :width].max(0)
+
+
+def _percent(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else 100.0 * value
+
+
+def _report(summary: dict, class_names) -> None:
+    t = summary["seconds_per_image"]
+    fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"  # noqa: E731
+    lines = [f"stage 2: {summary['images']} images ({summary['computed']} computed, "
+             f"{summary['skipped']} already done)",
+             f"seconds per image (supplement Table 4): features {fmt(t['features'])} "
+             f"(retrieval {fmt(t['retrieval'])})  CRF {fmt(t['crf'])}  wall {fmt(t['wall'])}  "
+             f"baselines {fmt(t['baselines'])}  [{summary['timing_scope']}]"]
+    if "miou" in summary:
+        methods = list(summary["miou"])
+        width = max(10, *(len(n) for n in class_names))
+        cell = lambda v: "   n/a" if v is None else f"{v:6.2f}"  # noqa: E731
+        lines.append(f"{'class':<{width}}  " + "  ".join(f"{m:>9}" for m in methods))
+        for name in class_names:
+            row = summary["per_class"][name]
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{cell(row[m]):>9}" for m in methods))
+        lines.append(f"{'mIoU':<{width}}  " + "  ".join(f"{cell(summary['miou'][m]):>9}" for m in methods))
+        if summary.get("agreement_fraction") is not None:
+            lines.append(f"agreement region (Y_crf == Y_ret): {100 * summary['agreement_fraction']:.1f}% "
+                         "of labelled pixels")
+    text = "\n".join(lines)
+    log.info("%s", text)
+    print(text, flush=True)
+
+
+def main(config, workdir) -> dict:
+    """`bana stage2`: label `pseudo.split` with the labeler of `pseudo.stage1_workdir`."""
+    from bana_jax import builders
+    from bana_jax.stage1 import load_trained_labeler  # written alongside; imported lazily
+    from bana_jax.train.loop import configure_compilation_cache
+
+    if not config.pseudo.stage1_workdir:
+        raise ValueError("pseudo.stage1_workdir is empty: pass --config.pseudo.stage1_workdir=DIR "
+                         "(the workdir of a finished `bana stage1` run)")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    configure_compilation_cache(config.train.compilation_cache, workdir)
+    labeler = load_trained_labeler(config.pseudo.stage1_workdir)
+    source = builders.data_source(config, config.pseudo.split)
+    try:
+        names = builders.class_names(config)
+    except Exception:  # noqa: BLE001 - names are cosmetic
+        names = None
+    out_dir = Path(config.pseudo.output_dir) if config.pseudo.output_dir else workdir / "pseudo_labels"
+    return generate_pseudo_labels(labeler, source, config, out_dir, class_names=names,
+                                  progress=bool(config.train.progress_bar) and sys.stderr.isatty())

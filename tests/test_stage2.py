@@ -1,0 +1,384 @@
+"""The stage-2 runner on synthetic images with a tiny labeler: outputs, resume, a killed run, the
+summary against a NumPy computation from the written PNGs, the box convention, bucketing."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import crf_ext
+from bana_jax import io as bio
+from bana_jax import models, stage2
+from bana_jax import pseudo_labels as pl
+from bana_jax.data.synthetic import SyntheticSource
+from bana_jax.data.transforms import caffe_normalize
+from bana_jax.train.config import base_config
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4  # background + 3 synthetic shapes
+SIZE = 48
+NUM_SYNTHETIC = 6
+RECT = (10, 12, 29, 35)  # rows 10..29, cols 12..35 (inclusive) of the hand-built rectangle image
+
+
+def make_config():
+    config = base_config()
+    config.stage = "stage2"
+    config.model.num_classes = NUM_CLASSES
+    return config
+
+
+def make_labeler(seed=0):
+    """The tiny labeler with He-normal weights from NumPy: an eager random init would compile every
+    initialiser (tens of seconds on a busy CPU); the shapes alone cost nothing."""
+    abstract = nnx.eval_shape(lambda: models.Labeler("tiny", NUM_CLASSES, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        if len(x.shape) >= 2:
+            return rng.normal(0, np.sqrt(2 / np.prod(x.shape[:-1])), x.shape).astype(x.dtype)
+        return rng.uniform(0, 0.1, x.shape).astype(x.dtype)  # biases
+
+    params = jax.tree.map(lambda x: jnp.asarray(fill(x)), params)
+    rest = jax.tree.map(lambda x: jax.random.key(0) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                        else jnp.zeros(x.shape, x.dtype), rest)
+    return nnx.merge(graphdef, params, rest)
+
+
+def rectangle_sample():
+    """A flat rectangle of class 2 on a textured background, its tight inclusive box."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 60, (SIZE, SIZE, 3)).astype(np.uint8)
+    y0, x0, y1, x1 = RECT
+    image[y0:y1 + 1, x0:x1 + 1] = (200, 40, 40)
+    label = np.zeros((SIZE, SIZE), np.uint8)
+    label[y0:y1 + 1, x0:x1 + 1] = 2
+    return dict(image=image, boxes=np.array([[x0, y0, x1, y1]], np.float32),
+                box_labels=np.array([2], np.int32), label=label, id="rectangle")
+
+
+def full_box_sample():
+    """A box covering the whole image: no background pixel anywhere."""
+    image = np.random.default_rng(6).integers(0, 255, (SIZE, SIZE, 3)).astype(np.uint8)
+    label = np.full((SIZE, SIZE), 255, np.uint8)
+    return dict(image=image, boxes=np.array([[0, 0, SIZE - 1, SIZE - 1]], np.float32),
+                box_labels=np.array([1], np.int32), label=label, id="full_box")
+
+
+def no_box_sample():
+    image = np.random.default_rng(7).integers(0, 255, (SIZE, SIZE, 3)).astype(np.uint8)
+    return dict(image=image, boxes=np.zeros((0, 4), np.float32), box_labels=np.zeros(0, np.int32),
+                label=np.zeros((SIZE, SIZE), np.uint8), id="no_box")
+
+
+class ListSource:
+    def __init__(self, samples, class_names=None):
+        self.samples, self.class_names = samples, class_names
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+def synthetic_samples():
+    source = SyntheticSource(num_images=NUM_SYNTHETIC, image_size=SIZE, num_classes=NUM_CLASSES - 1)
+    return [source[i] for i in range(NUM_SYNTHETIC)], source.class_names
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    samples, names = synthetic_samples()
+    samples += [rectangle_sample(), no_box_sample()]
+    out = tmp_path_factory.mktemp("stage2") / "pseudo_labels"
+    summary = stage2.generate_pseudo_labels(make_labeler(), ListSource(samples, names), make_config(), out,
+                                            workers=2, progress=False)
+    return dict(samples=samples, names=names, out=out, summary=summary)
+
+
+def read(out, kind, image_id):
+    return bio.read_label_png(out / kind / f"{image_id}.png")
+
+
+def test_outputs_are_palette_pngs_of_present_classes(run):
+    for sample in run["samples"]:
+        for kind in ("Y_crf", "Y_ret"):
+            path = run["out"] / kind / f"{sample['id']}.png"
+            with Image.open(path) as image:
+                assert image.mode == "P"
+                palette = np.array(image.getpalette()[:768], np.uint8).reshape(256, 3)
+                values = np.array(image)
+            np.testing.assert_array_equal(palette, bio.voc_palette())
+            assert values.shape == sample["image"].shape[:2]
+            assert set(np.unique(values)) <= {0, *sample["box_labels"].tolist()}
+            # A class appears only inside its own boxes (inclusive coordinates).
+            for cls in np.unique(values[values > 0]):
+                inside = np.zeros(values.shape, bool)
+                for (x0, y0, x1, y1), c in zip(sample["boxes"].astype(int), sample["box_labels"]):
+                    if c == cls:
+                        inside[y0:y1 + 1, x0:x1 + 1] = True
+                assert not np.any((values == cls) & ~inside)
+    assert np.all(read(run["out"], "Y_crf", "no_box") == 0)
+    vis = run["out"] / "visualisations"
+    html = (vis / "index.html").read_text()
+    for sample in run["samples"]:
+        assert f'src="{sample["id"]}.png"' in html and (vis / f"{sample['id']}.png").is_file()
+
+
+def test_labels_match_pseudo_labels_on_the_same_features(run):
+    """The runner (bucketed, pooled) gives the labels of `pseudo_labels` on the image's own features."""
+    labeler = make_labeler()
+    labeler.eval()
+    weight = np.asarray(labeler.classifier.weight)
+    crf = functools.partial(crf_ext.dense_crf, bi_w=4, bi_xy_std=55, bi_rgb_std=3, pos_w=3, pos_xy_std=3,
+                            n_iter=10)
+    same = total = 0
+    for sample in run["samples"][:3] + [run["samples"][NUM_SYNTHETIC]]:
+        features = np.asarray(labeler(jnp.asarray(caffe_normalize(sample["image"])[None])))[0]
+        half_open = sample["boxes"] + np.array([0, 0, 1, 1], np.float32)
+        # The runner's bucket sizes, so the compiled functions are shared (the padding is proven
+        # not to matter in test_pseudo_labels).
+        expected = pl.pseudo_labels(features, sample["image"], half_open, sample["box_labels"], weight, crf=crf,
+                                    feature_bucket=(16, 16), image_bucket=(128, 128),
+                                    max_boxes=stage2.MIN_BOXES, max_classes=stage2.MIN_CLASSES)
+        for key, kind in (("y_crf", "Y_crf"), ("y_ret", "Y_ret")):
+            got = read(run["out"], kind, sample["id"])
+            same += int((got == expected[key]).sum())
+            total += got.size
+    # Equal here; eager vs jit-compiled backbone rounding could flip a pixel at the 0.99 * max
+    # threshold elsewhere.
+    assert same / total > 0.999
+
+
+def numpy_miou(preds, labels, num_classes):
+    """Loop over classes: IoU = |P & G| / |P | G| on labelled pixels, mean over classes present."""
+    ious = []
+    for c in range(num_classes):
+        inter = union = 0
+        for pred, label in zip(preds, labels):
+            valid = label != 255
+            inter += np.sum((pred == c) & (label == c) & valid)
+            union += np.sum(((pred == c) | (label == c)) & valid)
+        ious.append(inter / union if union else np.nan)
+    ious = np.array(ious, np.float64)
+    return 100 * np.nanmean(ious), 100 * ious
+
+
+def numpy_box_fill(sample):
+    """Per pixel: the class of the smallest inclusive box containing it (brute force)."""
+    h, w = sample["label"].shape
+    out = np.zeros((h, w), np.uint8)
+    for y in range(h):
+        for x in range(w):
+            best = None
+            for (x0, y0, x1, y1), c in zip(sample["boxes"], sample["box_labels"]):
+                if x0 <= x <= x1 and y0 <= y <= y1:
+                    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+                    if best is None or area < best[0]:
+                        best = (area, c)
+            out[y, x] = 0 if best is None else best[1]
+    return out
+
+
+def test_summary_matches_numpy_from_written_pngs(run):
+    samples, out = run["samples"], run["out"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == summary["computed"] == len(samples) and summary["skipped"] == 0
+    assert summary["images_with_ground_truth"] == len(samples)
+    labels = [s["label"] for s in samples]
+    crf = [read(out, "Y_crf", s["id"]) for s in samples]
+    ret = [read(out, "Y_ret", s["id"]) for s in samples]
+    reliable = [np.where(a == b, g, 255) for a, b, g in zip(crf, ret, labels)]
+    fill = [numpy_box_fill(s) for s in samples]
+    for method, preds, gts in (("y_crf", crf, labels), ("y_ret", ret, labels),
+                               ("agreement", crf, reliable), ("box_fill", fill, labels)):
+        miou, per_class = numpy_miou(preds, gts, NUM_CLASSES)
+        assert summary["miou"][method] == pytest.approx(miou, abs=1e-9), method
+        for c, name in enumerate(run["names"]):
+            got = summary["per_class"][name][method]
+            assert (got is None) if np.isnan(per_class[c]) else got == pytest.approx(per_class[c], abs=1e-9)
+    labelled = sum(int((g != 255).sum()) for g in labels)
+    agree = sum(int(((a == b) & (g != 255)).sum()) for a, b, g in zip(crf, ret, labels))
+    assert summary["agreement_fraction"] == pytest.approx(agree / labelled)
+    assert 0 <= summary["miou"]["grabcut"] <= 100
+    times = summary["seconds_per_image"]
+    assert times["features"] > 0 and times["crf"] > 0 and times["wall"] > 0
+    assert summary == run["summary"]
+
+
+def test_box_convention_tight_box_fills_the_object(run):
+    # Box-fill of an inclusive box drawn tightly around the rectangle is exactly the rectangle.
+    samples = [rectangle_sample()]
+    # (the whole summary mixes images; score the rectangle alone)
+    rect = samples[0]
+    y0, x0, y1, x1 = RECT
+    got = read(run["out"], "Y_crf", "rectangle")
+    assert not np.any(got[:y0]) and not np.any(got[y1 + 1:]) and not np.any(got[:, :x0]) and not np.any(got[:, x1 + 1:])
+    from bana_jax import baselines
+    fill = baselines.box_fill(rect["boxes"], rect["box_labels"], rect["label"].shape)
+    assert numpy_miou([fill], [rect["label"]], NUM_CLASSES)[1][2] == 100.0
+
+
+def test_box_covering_everything_uses_the_last_row_and_column(tmp_path):
+    """No background pixel at all: finite labels, and the inclusive box's last row and column are
+    inside it (were the box taken as half-open, they would be forced to background)."""
+    labeler = make_labeler()
+    # A classifier column of ones scores the (ReLU, non-negative) features positively everywhere.
+    kernel = np.array(labeler.classifier.kernel[...])
+    kernel[:, 1] = 1.0
+    labeler.classifier.kernel[...] = jnp.asarray(kernel)
+    samples = [full_box_sample(), rectangle_sample()]
+    summary = stage2.generate_pseudo_labels(labeler, ListSource(samples), make_config(), tmp_path, workers=1,
+                                            progress=False, baselines=("box_fill",))
+    y_crf, y_ret = read(tmp_path, "Y_crf", "full_box"), read(tmp_path, "Y_ret", "full_box")
+    assert np.all(y_crf == 1)
+    assert set(np.unique(y_ret)) <= {0, 1}
+    assert y_ret[-1].max() <= 1 and y_crf[-1].min() == 1 and y_crf[:, -1].min() == 1
+    # The rectangle's tight box: box-fill IoU 1 on it (and on the background).
+    assert summary["per_class"]["class_2"]["box_fill"] == 100.0
+    assert summary["per_class"]["class_0"]["box_fill"] == 100.0
+
+
+def test_resume_recomputes_only_unfinished_images(run, tmp_path, monkeypatch):
+    out = tmp_path / "pseudo_labels"
+    for kind in ("Y_crf", "Y_ret", "baselines/grabcut"):
+        (out / kind).mkdir(parents=True)
+        for path in (run["out"] / kind).glob("*.png"):
+            (out / kind / path.name).write_bytes(path.read_bytes())
+    victim = run["samples"][1]["id"]
+    original = read(out, "Y_ret", victim)
+    (out / "Y_ret" / f"{victim}.png").unlink()
+    (out / "Y_crf" / f".{victim}.png.abc123.tmp").write_bytes(b"partial")  # a killed run's leftover
+    before = {p: p.stat().st_mtime_ns for p in (out / "Y_crf").glob("*.png")}
+    calls = []
+    real = crf_ext.dense_crf
+    monkeypatch.setattr(crf_ext, "dense_crf", lambda *a, **k: calls.append(1) or real(*a, **k))
+    summary = stage2.generate_pseudo_labels(make_labeler(), ListSource(run["samples"], run["names"]), make_config(),
+                                            out, workers=2, progress=False, baselines=("box_fill", "grabcut"))
+    assert len(calls) == 1 and summary["computed"] == 1 and summary["skipped"] == len(run["samples"]) - 1
+    np.testing.assert_array_equal(read(out, "Y_ret", victim), original)
+    for path, mtime in before.items():
+        if path.stem != victim:
+            assert path.stat().st_mtime_ns == mtime
+    assert not list((out / "Y_crf").glob("*.tmp"))
+    # Scores are the same whether the labels were computed now or read back.
+    assert summary["miou"] == run["summary"]["miou"]
+
+
+def test_host_sharding_labels_every_other_image(run, tmp_path):
+    samples = run["samples"][:4]
+    summary = stage2.generate_pseudo_labels(make_labeler(), ListSource(samples, run["names"]), make_config(),
+                                            tmp_path, workers=1, progress=False, baselines=(),
+                                            process_index=1, process_count=2)
+    assert sorted(p.stem for p in (tmp_path / "Y_crf").glob("*.png")) == [samples[1]["id"], samples[3]["id"]]
+    assert summary["images"] == 2 and "grabcut" not in summary["miou"]
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, "tests")
+    from test_stage2 import make_labeler
+    from bana_jax import stage2
+    from bana_jax.data.synthetic import SyntheticSource
+    from bana_jax.train.config import base_config
+
+    class Slow:
+        def __init__(self):
+            self.source = SyntheticSource(num_images={n}, image_size={size}, num_classes={classes})
+        def __len__(self):
+            return len(self.source)
+        def __getitem__(self, i):
+            time.sleep(0.4)
+            return self.source[i]
+
+    config = base_config()
+    config.model.num_classes = {classes} + 1
+    config.pseudo.save_visualisations = False
+    stage2.generate_pseudo_labels(make_labeler(), Slow(), config, sys.argv[1], workers=1, progress=False, baselines=())
+""")
+
+
+def test_killed_run_leaves_no_partial_png_and_rerun_completes(run, tmp_path):
+    out = tmp_path / "pseudo_labels"
+    script = KILLED_RUN.format(n=NUM_SYNTHETIC, size=SIZE, classes=NUM_CLASSES - 1)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "Y_crf").glob("*.png"))) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    written = list((out / "Y_crf").glob("*.png")) + list((out / "Y_ret").glob("*.png"))
+    assert 2 <= len(list((out / "Y_crf").glob("*.png"))) < NUM_SYNTHETIC
+    for path in written:  # every PNG that exists is complete
+        with Image.open(path) as image:
+            image.load()
+            assert image.mode == "P" and image.size == (SIZE, SIZE)
+    summary = stage2.generate_pseudo_labels(make_labeler(), ListSource(run["samples"][:NUM_SYNTHETIC], run["names"]),
+                                            make_config(), out, workers=2, progress=False, baselines=())
+    assert summary["computed"] + summary["skipped"] == NUM_SYNTHETIC and summary["skipped"] >= 2
+    for sample in run["samples"][:NUM_SYNTHETIC]:
+        for kind in ("Y_crf", "Y_ret"):
+            np.testing.assert_array_equal(read(out, kind, sample["id"]), read(run["out"], kind, sample["id"]))
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_bad_settings(tmp_path):
+    source = ListSource([rectangle_sample()])
+    config = make_config()
+    config.unlock()
+    config.pseudo.grid_size = 2
+    with pytest.raises(ValueError, match="grid_size"):
+        stage2.generate_pseudo_labels(make_labeler(), source, config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="baselines"):
+        stage2.generate_pseudo_labels(make_labeler(), source, make_config(), tmp_path, progress=False,
+                                      baselines=("boxfill",))
+    bad = dict(rectangle_sample(), image=np.zeros((SIZE, SIZE), np.uint8))
+    with pytest.raises(ValueError, match="image"):
+        stage2.generate_pseudo_labels(make_labeler(), ListSource([bad]), make_config(), tmp_path, progress=False)
+
+
+def test_main_reads_the_config(tmp_path, monkeypatch):
+    """`bana stage2` wiring: the labeler from pseudo.stage1_workdir, the split, WORKDIR/pseudo_labels."""
+    import types
+
+    seen = []
+    fake_stage1 = types.ModuleType("bana_jax.stage1")
+    fake_stage1.load_trained_labeler = lambda workdir: seen.append(workdir) or make_labeler()
+    monkeypatch.setitem(sys.modules, "bana_jax.stage1", fake_stage1)
+    config = make_config()
+    config.data.name = "synthetic"
+    config.data.synthetic_images, config.data.synthetic_size = 2, SIZE
+    config.pseudo.split, config.pseudo.stage1_workdir = "val", str(tmp_path / "s1")
+    config.train.compilation_cache, config.train.progress_bar = "", False
+    summary = stage2.main(config, tmp_path / "work")
+    assert seen == [str(tmp_path / "s1")] and summary["images"] == 2
+    val = SyntheticSource(num_images=2, image_size=SIZE, num_classes=NUM_CLASSES - 1, seed=1)
+    for i in range(2):
+        assert (tmp_path / "work" / "pseudo_labels" / "Y_crf" / f"{val[i]['id']}.png").is_file()
+    assert (tmp_path / "work" / "pseudo_labels" / "summary.json").is_file()
+    config.pseudo.stage1_workdir = ""
+    with pytest.raises(ValueError, match="stage1_workdir"):
+        stage2.main(config, tmp_path / "work")
