@@ -465,5 +465,16 @@ def main(config, workdir) -> dict:
     except Exception:  # noqa: BLE001 - names are cosmetic
         names = None
     out_dir = Path(config.pseudo.output_dir) if config.pseudo.output_dir else workdir / "pseudo_labels"
-    return generate_pseudo_labels(labeler, source, config, out_dir, class_names=names,
-                                  progress=bool(config.train.progress_bar) and sys.stderr.isatty())
+    summary = generate_pseudo_labels(labeler, source, config, out_dir, class_names=names,
+                                     progress=bool(config.train.progress_bar) and sys.stderr.isatty())
+    if config.data.name in ("coco", "coco_subset") and jax.process_index() == 0:
+        # COCO: also as instance masks (RLE), one per box, for Mask R-CNN training elsewhere.
+        from bana_jax import coco_export
+
+        annotations = (config.data.annotations if config.data.name == "coco_subset" else
+                       Path(config.data.root) / "annotations" / f"instances_{config.pseudo.split}.json")
+        counts = coco_export.export_instances(annotations, out_dir / "Y_crf", out_dir / "instances_y_crf.json",
+                                              category_set="voc20" if config.data.classes == "voc" else "all80")
+        log.info("wrote %s: %d instances in %d images", out_dir / "instances_y_crf.json",
+                    counts["instances"], counts["images"])
+    return summary
