@@ -177,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     jax.config.update("jax_threefry_partitionable", False)
     from bana_jax.train.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()  # before anything touches the devices
-    result = command_main(config, args.workdir)
+    # The demo runs three stages from one top-level config: --shrink applies to all of them.
+    extra = {"shrink": args.shrink} if args.command == "demo" else {}
+    result = command_main(config, args.workdir, **extra)
     return int(result) if isinstance(result, int) else 0
 
 

@@ -25,7 +25,8 @@ def voc_palette() -> np.ndarray:
     return palette
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Calls `write(binary_file)` on a temporary file beside `path`, then renames it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -46,7 +47,7 @@ def write_label_png(path, labels: np.ndarray) -> None:
         raise ValueError(f"labels must be a (H, W) uint8 array, got {labels.dtype} {labels.shape}")
     image = Image.fromarray(labels, mode="P")
     image.putpalette(voc_palette().ravel().tolist())
-    _atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
+    atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
 
 
 def read_label_png(path) -> np.ndarray:
@@ -61,4 +62,10 @@ def read_label_png(path) -> np.ndarray:
 def write_json(path, obj) -> None:
     """JSON with sorted keys, written atomically."""
     data = json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def write_text(path, text: str) -> None:
+    """A UTF-8 text file (an HTML report), written atomically."""
+    data = text.encode()
+    atomic_write(Path(path), lambda f: f.write(data))

@@ -238,18 +238,6 @@ def load_trained_labeler(workdir_or_config) -> nnx.Module:
 # ----------------------------------------------------------------------------------------------
 
 
-def mesh_for_batch(batch_size: int) -> jax.sharding.Mesh:
-    """The data mesh over all devices, or, on one process when the batch does not split over
-    them (e.g. a `--shrink` run on 8 devices), over the largest count of devices it splits over."""
-    devices = jax.devices()
-    if batch_size % len(devices) == 0 or jax.process_count() > 1:
-        return mesh_lib.make_data_mesh()  # multi-host: train_loop reports a bad batch size
-    usable = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
-    logger.warning("data.batch_size=%d does not split over %d devices: training on %d of them",
-                   batch_size, len(devices), usable)
-    return mesh_lib.make_data_mesh(devices[:usable])
-
-
 def train(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
           stop_after: int | None = None, batches=None) -> TrainResult:
     """Builds labeler, parameter groups, batches and loss, and runs `train_loop`."""
@@ -257,7 +245,7 @@ def train(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
 
     # Before the model is built: its init compiles too.
     configure_compilation_cache(config.train.compilation_cache, workdir)
-    mesh = mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
+    mesh = mesh_lib.mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
     model = build_model(config)
     labels = models.param_group_labels(model)
     batches = builders.training_batches(config) if batches is None else batches

@@ -29,7 +29,7 @@ from bana_jax import builders, io
 from bana_jax.losses import segmentation_loss
 from bana_jax.models import DeepLab, param_group_labels
 from bana_jax.train import TrainResult, base_config, train_loop
-from bana_jax.train.mesh import is_main_process
+from bana_jax.train.mesh import is_main_process, mesh_for_batch
 
 logger = logging.getLogger("bana_jax.stage3")
 
@@ -243,6 +243,7 @@ def train(config, workdir, *, mesh=None, stop_after: int | None = None) -> Train
     batches = SelectKeys(builders.training_batches(config, source), BATCH_KEYS)
     logger.info("stage 3: %s, loss %s, %d images from %s", config.model.name, config.loss.name,
                 len(source), pseudo_labels)
+    mesh = mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
     result = train_loop(config, workdir, model, loss_fn, batches, param_group_labels(model),
                         mesh=mesh, stop_after=stop_after)
     if int(jax.device_get(result.state.step)) == int(config.train.num_steps):

@@ -8,16 +8,13 @@ raw-sample boxes: inclusive pixel `[x_min, y_min, x_max, y_max]`.
 from __future__ import annotations
 
 import html
-import io as _bytes_io
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from bana_jax.io import voc_palette
+from bana_jax.io import atomic_write, voc_palette, write_text
 
 _SEPARATOR = 4  # white pixels between the tiles of a panel
 
@@ -115,18 +112,8 @@ def pseudo_label_panel(image, boxes, box_labels, y_crf, y_ret, *, bg_unary=None,
 
 def write_png(path, rgb) -> None:
     """An RGB image as PNG, atomically (temporary name + rename)."""
-    buffer = _bytes_io.BytesIO()
-    Image.fromarray(_check_image(rgb)).save(buffer, format="PNG")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    image = Image.fromarray(_check_image(rgb))
+    atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
 
 
 def write_index(directory, entries: Sequence[dict], title: str = "BANA pseudo labels") -> Path:
@@ -143,11 +130,7 @@ def write_index(directory, entries: Sequence[dict], title: str = "BANA pseudo la
             "<style>body{font-family:sans-serif} img{max-width:100%;image-rendering:pixelated}</style>"
             f"</head>\n<body><h1>{html.escape(title)}</h1>\n" + "\n".join(rows) + "\n</body></html>\n")
     path = directory / "index.html"
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".index.html.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
     return path
 
 

@@ -7,6 +7,7 @@ inserts the gradient all-reduce (and global-batch BatchNorm statistics) itself.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+logger = logging.getLogger("bana_jax.train")
 
 # Environment variables that mean "this process is one of several in a cluster": JAX's own
 # coordinator settings, SLURM (multi-task jobs), Open MPI, and Cloud TPU pods.
@@ -74,6 +76,18 @@ def make_data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
     if devices is None:
         return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def mesh_for_batch(batch_size: int) -> jax.sharding.Mesh:
+    """The data mesh over all devices, or, on one process when the batch does not split over
+    them (e.g. a `--shrink` run on 8 devices), over the largest count of devices it splits over."""
+    devices = jax.devices()
+    if batch_size % len(devices) == 0 or jax.process_count() > 1:
+        return make_data_mesh()  # multi-host: check_batch_size reports a bad batch size
+    usable = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    logger.warning("data.batch_size=%d does not split over %d devices: training on %d of them",
+                   batch_size, len(devices), usable)
+    return make_data_mesh(devices[:usable])
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -21,7 +21,7 @@ def get_config():
 
     config.model.name = "vgg_tiny"
     config.model.init = "none"
-    config.model.num_classes = 21
+    config.model.num_classes = 5             # background + the 4 synthetic shapes (as stage 3)
     config.model.dropout = 0.1
 
     # From scratch on raw Caffe-range inputs the random tiny trunk's features are large (~50), so

@@ -16,7 +16,7 @@ def get_config():
 
     config.model.name = "vgg_tiny"
     config.model.init = "none"
-    config.model.num_classes = 21
+    config.model.num_classes = 5             # background + the 4 synthetic shapes (as stage 3)
 
     config.pseudo.split = "train"
     config.pseudo.grid_size = 1
