@@ -71,6 +71,14 @@ def test_coco_subset_has_data_fields():
     assert (c.data.images, c.data.annotations) == ("/x/images", "/x/i.json")
 
 
+def test_data_skip_bad_is_off_by_default_and_overridable():
+    config = validate_config(base_config())
+    assert config.data.skip_bad is False
+    assert apply_overrides(config, [("data.skip_bad", "true")]).data.skip_bad is True
+    with pytest.raises(ConfigError, match="expected a boolean"):
+        apply_overrides(config, [("data.skip_bad", "sometimes")])
+
+
 def test_validate_names_unknown_missing_and_wrong_fields():
     config = base_config()
     config.train.num_step = 5  # typo, on an unlocked config

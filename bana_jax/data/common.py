@@ -9,6 +9,20 @@ A *sample* is a dict:
 - ``label``: uint8 (H, W), semantic ground truth, 255 = ignore.
 - ``id``: str.
 - optionally ``bg_mask``: uint8 (H, W), 1 outside every box (read from ``BgMaskfromBoxes/``).
+
+Bad input. A file-based source reads and checks its annotation files when it is built: a broken
+entry raises :class:`DataError` naming the file (with ``skip_bad``: the sample is dropped, logged
+and listed in ``source.audit.skipped_samples``), and the boxes of every sample are checked against
+the image size the annotations declare, counted in ``source.audit`` (:class:`BoxStats`) and logged
+once, in the process that builds the source. Images are decoded when a sample is loaded; a bad one
+raises, or with ``skip_bad`` is skipped, logged and listed in ``source.stats.skipped_samples``.
+
+``source.stats`` counts what the loads of *this process* did. grain worker processes each load
+into their own copy of the source, so their counts are never merged back or logged: in a training
+run the main process's ``audit`` is the figure to read. Not counted anywhere: boxes that
+augmentation removes (rescaled to no pixel, or left by the crop: ``transforms``), which are the
+expected effect of a random crop rather than bad input, and boxes cut past ``max_boxes``
+(``batching``, which logs them per batch in the process that batches).
 """
 
 from __future__ import annotations
@@ -40,24 +54,30 @@ class DataError(Exception):
 
 @dataclass
 class BoxStats:
-    """Counts of boxes changed while reading (clipped to the image, or dropped)."""
+    """Counts of boxes checked against their image (kept, clipped to it, or dropped), of boxes
+    that could not be checked (image size not given by the annotations: checked when loaded), and
+    the samples skipped as bad (``skip_bad``), one message each."""
 
     kept: int = 0
     clipped: int = 0
     dropped_empty: int = 0
     dropped_outside: int = 0
+    unchecked: int = 0
     skipped_samples: list = field(default_factory=list)
 
     def log_summary(self, name: str = "") -> None:
-        log.info("%s boxes: kept %d, clipped %d, dropped (zero area) %d, dropped (outside) %d; "
+        log.info("%s boxes: kept %d, clipped %d, dropped (zero area) %d, dropped (outside) %d%s; "
                  "skipped samples %d", name, self.kept, self.clipped, self.dropped_empty,
-                 self.dropped_outside, len(self.skipped_samples))
+                 self.dropped_outside,
+                 f", not checked (image size unknown) {self.unchecked}" if self.unchecked else "",
+                 len(self.skipped_samples))
 
 
-def sanitize_boxes(boxes, labels, height: int, width: int, stats: BoxStats | None = None):
+def sanitize_boxes(boxes, labels, height, width, stats: BoxStats | None = None):
     """Clip boxes to the image and drop those with no pixel inside it.
 
-    boxes: (K, 4) x0, y0, x1, y1 pixel-index coordinates (inclusive); labels: (K,).
+    boxes: (K, 4) x0, y0, x1, y1 pixel-index coordinates (inclusive); labels: (K,); height, width:
+    the image size, or (K,) sizes of each box's image (to check a whole dataset at once).
     A box with x1 < x0 or y1 < y0 (zero area, or inverted) is dropped as empty; a box lying wholly
     outside [0, W-1] x [0, H-1] is dropped as outside; others are clipped (counted when changed).
     Returns float32 (K', 4), int32 (K',).
@@ -67,13 +87,15 @@ def sanitize_boxes(boxes, labels, height: int, width: int, stats: BoxStats | Non
     if len(boxes) != len(labels):
         raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
     stats = stats if stats is not None else BoxStats()
+    x_max = np.broadcast_to(np.asarray(width, np.float32) - 1, (len(boxes),))
+    y_max = np.broadcast_to(np.asarray(height, np.float32) - 1, (len(boxes),))
     empty = ~np.all(np.isfinite(boxes), axis=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    outside = ~empty & ((boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > width - 1)
-                        | (boxes[:, 1] > height - 1))
+    outside = ~empty & ((boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > x_max)
+                        | (boxes[:, 1] > y_max))
     keep = ~empty & ~outside
     clipped = boxes[keep].copy()
-    clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, width - 1)
-    clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, height - 1)
+    clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, x_max[keep, None])
+    clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, y_max[keep, None])
     stats.clipped += int(np.any(clipped != boxes[keep], axis=1).sum())
     stats.dropped_empty += int(empty.sum())
     stats.dropped_outside += int(outside.sum())
@@ -98,51 +120,82 @@ def bg_mask_from_boxes(boxes, height: int, width: int) -> np.ndarray:
     return (~box_masks(boxes, height, width).any(0)).astype(np.uint8)
 
 
-def check_rgb(arr: np.ndarray, mode: str, path, convert: bool) -> np.ndarray:
-    """Validate a decoded image array of PIL ``mode`` and return uint8 (H, W, 3).
+# PIL modes (and the "<raw mode>;16" of 16-bit colour, see _source_mode) as error messages say them.
+_MODE_NAMES = {"RGBA": "RGBA (has an alpha channel)", "CMYK": "CMYK", "P": "palette",
+               "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale", "I;16L": "16-bit grayscale",
+               "I": "32-bit integer", "F": "32-bit float", "LA": "grayscale with alpha",
+               "1": "1-bit", "RGB;16": "16-bit RGB", "RGBA;16": "16-bit RGBA",
+               "LA;16": "16-bit grayscale with alpha"}
 
-    RGB passes; 8-bit grayscale is replicated to 3 channels (lossless). RGBA, CMYK, palette,
-    16-bit and other modes raise :class:`DataError` unless ``convert`` (then: alpha dropped,
-    CMYK/palette converted by PIL, 16-bit scaled to 8 bits).
+
+def _source_mode(im) -> str:
+    """The mode of the file's pixels, told apart from PIL's decoded mode for 16-bit colour.
+
+    PIL decodes 16 bits per channel colour (PNG raw mode 'RGB;16B', TIFF 'RGB;16N', ...) to 8-bit
+    'RGB' / 'RGBA', silently keeping the high byte; only the raw mode of the tiles, which
+    `load()` discards, tells. Call before `load()`.
+    """
+    if im.mode.startswith("I"):  # 16-bit grayscale already has its own mode
+        return im.mode
+    for tile in im.tile:
+        args = tile.args
+        raw = args if isinstance(args, str) else (args[0] if args and isinstance(args[0], str) else "")
+        if ";16" in raw:
+            return raw.split(";")[0] + ";16"
+    return im.mode
+
+
+def _to_rgb(im, mode: str, where, convert: bool) -> np.ndarray:
+    """A loaded PIL image whose file has `mode` (_source_mode) -> uint8 (H, W, 3).
+
+    RGB passes; 8-bit grayscale is replicated to 3 channels (lossless). Other modes raise
+    :class:`DataError` unless `convert`; then (logged): alpha dropped, CMYK / palette converted by
+    PIL, 16-bit colour keeps its high byte (PIL's decoding), 16-bit grayscale scaled by 255/65535.
     """
     if mode == "RGB":
-        return arr
+        return np.asarray(im)
     if mode == "L":
-        return np.repeat(arr[:, :, None], 3, axis=2)
+        return np.repeat(np.asarray(im)[:, :, None], 3, axis=2)
+    kind = _MODE_NAMES.get(mode, mode)
     if not convert:
-        kind = {"RGBA": "RGBA (has an alpha channel)", "CMYK": "CMYK", "P": "palette",
-                "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale", "I": "32-bit integer",
-                "LA": "grayscale with alpha", "1": "1-bit"}.get(mode, mode)
-        raise DataError(path, f"unsupported image mode {kind}; expected 8-bit RGB or grayscale "
-                              f"(pass convert_modes=True to convert)")
-    raise AssertionError("converted by read_image")
+        raise DataError(where, f"unsupported image mode {kind}; expected 8-bit RGB or grayscale "
+                               f"(pass convert_modes=True to convert)")
+    log.info("%s: converting image mode %s to 8-bit RGB", where, kind)
+    if mode.startswith("I"):
+        a = np.asarray(im, dtype=np.float64)
+        # 'I' (32-bit) has no fixed range: take values up to 255 as 8-bit, larger ones as 16-bit.
+        if mode.startswith("I;16") or a.max() > 255:
+            a = a * (255.0 / 65535.0)
+        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def decode_image(file, where, convert_modes: bool = False) -> np.ndarray:
+    """Decode an image (a path or a binary file object) as uint8 (H, W, 3) RGB.
+
+    Raises :class:`DataError` naming `where` (the path, or a sample id) for a corrupt, truncated
+    or unsupported image (modes: see _to_rgb).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as im:
+            mode = _source_mode(im)
+            im.load()
+            return np.ascontiguousarray(_to_rgb(im, mode, where, convert_modes))
+    except UnidentifiedImageError:
+        raise DataError(where, "not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(where, f"truncated or corrupt image ({e})") from None
 
 
 def read_image(path, convert_modes: bool = False) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB; raises :class:`DataError` naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(path, "file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode not in ("RGB", "L") and convert_modes:
-                if mode.startswith("I"):
-                    a = np.asarray(im, dtype=np.float64)
-                    a = a * (255.0 / 65535.0) if a.max() > 255 else a
-                    g = np.clip(np.round(a), 0, 255).astype(np.uint8)
-                    return np.repeat(g[:, :, None], 3, axis=2)
-                im = im.convert("RGB")
-                mode = "RGB"
-            arr = np.asarray(im)
-    except UnidentifiedImageError:
-        raise DataError(path, "not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"truncated or corrupt image ({e})") from None
-    return np.ascontiguousarray(check_rgb(arr, mode, path, convert_modes))
+    return decode_image(path, path, convert_modes)
 
 
 def read_index_png(path) -> np.ndarray:
@@ -185,6 +238,14 @@ def make_sample(image, boxes, box_labels, label, sample_id, bg_mask=None) -> dic
     return s
 
 
+def skip_or_raise(error: DataError, skip_bad: bool, stats: BoxStats) -> None:
+    """Raise `error`, or with `skip_bad` log it and list it in `stats.skipped_samples`."""
+    if not skip_bad:
+        raise error
+    log.warning("skipping bad sample: %s", error)
+    stats.skipped_samples.append(str(error))
+
+
 def load_or_skip(load, index: int, length: int, skip_bad: bool, stats: BoxStats,
                  max_tries: int = 100) -> dict:
     """`load(index)`; with `skip_bad`, a :class:`DataError` is logged and counted and the next
@@ -193,8 +254,5 @@ def load_or_skip(load, index: int, length: int, skip_bad: bool, stats: BoxStats,
         try:
             return load((index + attempt) % length)
         except DataError as e:
-            if not skip_bad:
-                raise
-            log.warning("skipping bad sample: %s", e)
-            stats.skipped_samples.append(str(e))
+            skip_or_raise(e, skip_bad, stats)
     raise DataError(f"index {index}", f"{min(length, max_tries)} consecutive bad samples")

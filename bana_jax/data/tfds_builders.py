@@ -110,21 +110,11 @@ class TfdsSource:
         return len(self.data_source)
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-
-        from bana_jax.data.common import DataError, check_rgb
+        from bana_jax.data.common import decode_image
 
         ex = self.data_source[int(index)]
         sid = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
-        try:
-            with Image.open(io.BytesIO(ex["image_bytes"])) as im:
-                im.load()
-                mode = im.mode
-                if self.convert_modes and mode not in ("RGB", "L"):
-                    im, mode = im.convert("RGB"), "RGB"
-                image = np.ascontiguousarray(check_rgb(np.asarray(im), mode, sid, False))
-        except OSError as e:
-            raise DataError(sid, f"stored image is unreadable ({e})") from None
+        image = decode_image(io.BytesIO(ex["image_bytes"]), sid, self.convert_modes)
         out = dict(image=image, boxes=np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
                    box_labels=np.asarray(ex["box_labels"], np.int32), id=sid)
         if "label" in ex:

@@ -10,7 +10,8 @@ resizing, padding with 255 (0 for `bg_mask`), the same crop and flip. Boxes are 
 same nearest-neighbour index map as the masks (a pixel is in the rescaled box iff its source pixel
 was in the box), so a box stays exactly on its object, and the background mask recomputed from the
 final boxes equals the transformed one (padding aside). A box that no output pixel samples, or
-that the crop leaves, is dropped.
+that the crop leaves, is dropped: augmentation, not bad input, so not counted (common.py, "Bad
+input").
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
 
 VOC XML boxes are 1-based inclusive pixel indices; they become 0-based inclusive (minus 1). When
 `BgMaskfromBoxes/` is absent the background mask is computed from the boxes by the transforms.
+
+The XML files are all read when the source is built (checked, boxes counted: common.py, "Bad
+input"); images, label maps and masks when a sample is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from bana_jax.data.common import (VOC_CLASSES, BoxStats, DataError, load_or_skip, read_image,
-                                  read_index_png, sanitize_boxes)
+                                  read_index_png, sanitize_boxes, skip_or_raise)
 
 CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
 
@@ -69,6 +72,8 @@ class VocSource:
 
     with_label: read `SegmentationClassAug/<id>.png` (must exist); skip_bad: log and skip bad
     samples instead of raising; convert_modes: convert RGBA/CMYK/16-bit images instead of failing.
+    `audit`: the box counts and skipped samples found reading the XML files (logged once);
+    `stats`: those of this process's loads (common.py, "Bad input").
     """
 
     def __init__(self, root, split: str = "train_aug", with_label: bool = True,
@@ -77,13 +82,40 @@ class VocSource:
         self.root = os.fspath(root)
         if not os.path.isdir(self.root):
             raise DataError(self.root, "VOC root directory not found")
-        self.ids = read_id_list(os.path.join(self.root, "ImageSets", "Segmentation", f"{split}.txt"))
+        id_list = os.path.join(self.root, "ImageSets", "Segmentation", f"{split}.txt")
+        ids = read_id_list(id_list)
         self.with_label, self.skip_bad, self.convert_modes = with_label, skip_bad, convert_modes
         self.label_dir = os.path.join(self.root, label_dir)
         bg_dir = os.path.join(self.root, bg_mask_dir)
         self.bg_mask_dir = bg_dir if os.path.isdir(bg_dir) else None
         self.class_names = VOC_CLASSES
-        self.stats = BoxStats()
+        self.audit, self.stats = BoxStats(), BoxStats()
+        self.annotations = self._read_annotations(ids)
+        self.ids = [i for i in ids if i in self.annotations]
+        if not self.ids:
+            raise DataError(id_list, f"no usable samples (all {len(ids)} skipped as bad)")
+        self.audit.log_summary(f"VOC {self.root} {split} ({len(self.ids)} images):")
+
+    def _xml_path(self, sid: str) -> str:
+        return os.path.join(self.root, "Annotations", f"{sid}.xml")
+
+    def _read_annotations(self, ids) -> dict:
+        """id -> parse_voc_xml(...) for each id whose XML is good (a bad one raises, or with
+        skip_bad is skipped); boxes checked against the XML's <size> into `audit`."""
+        annotations = {}
+        for sid in ids:
+            try:
+                parsed = parse_voc_xml(self._xml_path(sid))
+            except DataError as e:
+                skip_or_raise(e, self.skip_bad, self.audit)
+                continue
+            annotations[sid] = parsed
+            boxes, labels, size = parsed
+            if size is None or size == (0, 0):  # checked only when the image is read
+                self.audit.unchecked += len(boxes)
+            else:
+                sanitize_boxes(boxes, labels, *size, self.audit)
+        return annotations
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,13 +125,12 @@ class VocSource:
 
     def _load(self, index: int) -> dict:
         sid = self.ids[index]
-        image_path = os.path.join(self.root, "JPEGImages", f"{sid}.jpg")
-        xml_path = os.path.join(self.root, "Annotations", f"{sid}.xml")
-        image = read_image(image_path, self.convert_modes)
+        image = read_image(os.path.join(self.root, "JPEGImages", f"{sid}.jpg"), self.convert_modes)
         h, w = image.shape[:2]
-        boxes, labels, size = parse_voc_xml(xml_path)
+        boxes, labels, size = self.annotations[sid]
         if size is not None and size != (h, w) and size != (0, 0):
-            raise DataError(xml_path, f"<size> says {size[0]}x{size[1]} but the image is {h}x{w}")
+            raise DataError(self._xml_path(sid),
+                            f"<size> says {size[0]}x{size[1]} but the image is {h}x{w}")
         boxes, labels = sanitize_boxes(boxes, labels, h, w, self.stats)
         sample = dict(image=image, boxes=boxes, box_labels=labels, id=sid)
         if self.with_label:

@@ -24,6 +24,8 @@ data.*  (input pipeline, HELPERS.md batch contract)
   max_boxes       K_max: boxes per image after padding
   max_images      use only the first N images (0 = all)
   num_workers     data-loading worker threads/processes
+  skip_bad        voc/coco: log and skip bad samples (unreadable image, broken annotation entry)
+                  instead of stopping at the first (bana_jax.data.common, "Bad input")
   synthetic_images, synthetic_size   synthetic dataset: number of images and their side
 
 model.*
@@ -98,7 +100,7 @@ def base_config() -> ConfigDict:
         name="voc", root="", split="train_aug", images="", annotations="", classes="voc",
         pseudo_labels="", batch_size=20, crop_size=321, scale_range=(0.5, 1.5), flip=True,
         color_jitter=(0.5, 1.5), max_boxes=64, max_images=0, num_workers=4,
-        synthetic_images=0, synthetic_size=0))
+        synthetic_images=0, synthetic_size=0, skip_bad=False))
     c.model = ConfigDict(dict(
         name="vgg16_labeler", init="hed_vgg16", num_classes=21, fc6_dilation=1, dropout=0.5,
         classifier="dot", freeze_bn=True, dtype="float32"))
