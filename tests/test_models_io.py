@@ -7,10 +7,14 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402
 
+from bana_jax import builders  # noqa: E402
 from bana_jax.models import DeepLab  # noqa: E402
 from bana_jax.models.checkpoint import load_params, save_params  # noqa: E402
 from bana_jax.models.torch_import import load_checkpoint, torch_state_dict  # noqa: E402
 from bana_jax.models.torch_io import read_state_dict, read_torch_file_numpy  # noqa: E402
+from bana_jax.train.config import base_config  # noqa: E402
+
+TINY = (8, 16, 32, 32, 32)
 
 
 def sample_state_dict():
@@ -66,23 +70,87 @@ def test_orbax_round_trip(tmp_path):
         load_params(model, tmp_path / "missing")
 
 
-@pytest.mark.parametrize("arch", ["labeler", "deeplab_v2"])
+@pytest.mark.parametrize("arch", ["labeler", "deeplab_v1", "deeplab_v2"])
 def test_compare_torch_cli(tmp_path, capsys, arch):
     from bana_jax import compare_torch
 
     if arch == "labeler":
-        net = ref.randomise_(ref.LabelerRef(5, (8, 16, 32, 32, 32), 64), seed=5)
+        net = ref.randomise_(ref.LabelerRef(5, TINY, 64), seed=5)
+    elif arch == "deeplab_v1":  # LargeFOV: fc6 dilation 12 on a 4 x 4 map (mostly padding)
+        net = ref.randomise_(ref.DeepLabV1Ref(5, TINY, 64), seed=7)
     else:
         net = ref.randomise_(ref.DeepLabV2Ref(5, n_blocks=(1, 2, 1, 1), base=8, aspp_dim=8), seed=6)
     torch.save(net.state_dict(), tmp_path / "net.pt")
     rc = compare_torch.main(["--arch", arch, "--checkpoint", str(tmp_path / "net.pt"), "--size", "27", "30"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    stages = ["pool1", "pool5", "fc7", "scores"] if arch == "labeler" else ["layer1", "layer5", "aspp", "scores"]
+    stages = (["layer1", "layer5", "aspp", "scores"] if arch == "deeplab_v2"
+              else ["pool1", "pool5", "fc7", "scores"])
     for stage in stages:
         assert stage in out
     assert "OK" in out
-    # A checkpoint of the wrong architecture fails loudly.
+    # A checkpoint of the wrong architecture fails loudly (labeler and LargeFOV share their keys).
     with pytest.raises(ValueError, match="no key"):
-        compare_torch.main(["--arch", "deeplab_v2" if arch == "labeler" else "labeler",
+        compare_torch.main(["--arch", "labeler" if arch == "deeplab_v2" else "deeplab_v2",
                             "--checkpoint", str(tmp_path / "net.pt")])
+
+
+def vgg_caffe_state_dict(with_fc: bool, seed: int = 8) -> dict:
+    """A fake `vgg_caffe.pth` for the tiny VGG: conv1_1 ... conv5_3 (+ fc6, fc7) without the
+    `backbone.` prefix, and a Caffe classifier fc8 of another class count."""
+    sd = ref.randomise_(ref.VGGRef(1, TINY, 64), seed=seed).state_dict()
+    if not with_fc:
+        sd = {k: v for k, v in sd.items() if not k.startswith(("fc6.", "fc7."))}
+    gen = torch.Generator().manual_seed(seed)
+    sd["fc8.weight"] = torch.randn(10, 64, 1, 1, generator=gen)
+    sd["fc8.bias"] = torch.randn(10, generator=gen)
+    return sd
+
+
+def tiny_labeler_config(init: str):
+    config = base_config()
+    config.model.name = "vgg_tiny"
+    config.model.num_classes = 4
+    config.model.init = init
+    return config
+
+
+@pytest.mark.parametrize("with_fc", [True, False])
+def test_vgg_caffe_init_through_config(tmp_path, with_fc):
+    """`model.init=vgg_caffe.pth` loads the backbone (fc6/fc7 when present); the classifier and,
+    without them, fc6/fc7 keep their random init."""
+    sd = vgg_caffe_state_dict(with_fc)
+    torch.save(sd, tmp_path / "vgg_caffe.pth")
+    config = tiny_labeler_config(str(tmp_path / "vgg_caffe.pth"))
+    model = builders.build_labeler(config)
+    before = torch_state_dict(model)
+    builders.init_weights(model, config)
+    after = torch_state_dict(model)
+    assert after.keys() == before.keys()
+    for key in after:
+        name = key.removeprefix("backbone.")  # the init's key
+        if name in sd:
+            np.testing.assert_array_equal(after[key], sd[name].numpy(), err_msg=key)
+        else:
+            assert key.startswith(("classifier.", "backbone.fc6.", "backbone.fc7.")), key
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert sum(k.removeprefix("backbone.") in sd for k in after) == 26 + (4 if with_fc else 0)
+
+
+def test_checkpoint_of_unknown_layout_lists_its_keys(tmp_path):
+    torch.save({"_conv_stem.weight": torch.zeros(32, 3, 3, 3), "_bn0.weight": torch.ones(32)},
+               tmp_path / "other.pth")
+    config = tiny_labeler_config(str(tmp_path / "other.pth"))
+    model = nnx.eval_shape(lambda: builders.build_labeler(config))
+    listed = r"unrecognised checkpoint layout.*\['_bn0.weight', '_conv_stem.weight'\]"
+    with pytest.raises(ValueError, match=listed):
+        builders.init_weights(model, config)
+    # A VGG init with a layer missing, or for a network without a VGG backbone, is refused too.
+    partial = vgg_caffe_state_dict(with_fc=True)
+    del partial["fc7.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \['fc7.bias'\]"):
+        load_checkpoint(model, partial)
+    resnet = nnx.eval_shape(lambda: DeepLab("v2", 3, resnet_blocks=(1, 1, 1, 1), resnet_base_width=8,
+                                            aspp_dim=8, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="needs a model with a VGG backbone"):
+        load_checkpoint(resnet, vgg_caffe_state_dict(with_fc=True))

@@ -14,21 +14,23 @@ Our module attributes carry the official names, so a parameter's path gives its 
 Checkpoints covered: stage-1 labeler (`backbone.*`, `classifier.weight`), DeepLab-LargeFOV (same
 keys, fc6 dilation 12), DeepLab-ASPP (`backbone.layer1..layer5.*`, `c1..c4.weight`,
 `classifier.weight`), and the VGG init `vgg_caffe.pth` (the backbone's keys without the
-`backbone.` prefix; `load_vgg_init`). Every key must be accounted for: the official code loads
-with `strict=False` and can silently train from random weights; here a missing or unused key is
-a ValueError listing them.
+`backbone.` prefix; `load_vgg_init`). `load_checkpoint` tells the two layouts apart by their keys,
+so a config's `model.init` may name either. Every key must be accounted for: the official code
+loads with `strict=False` and can silently train from random weights; here a missing or unused
+key is a ValueError listing them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from bana_jax.models import torch_io
+from bana_jax.models import torch_io, vgg
 from bana_jax.models.networks import path_names
 
 _LEAF_TO_TORCH = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
@@ -78,27 +80,35 @@ def _normalise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     return sd
 
 
+def _read_normalised(state_dict: Mapping[str, np.ndarray] | str | os.PathLike) -> dict[str, np.ndarray]:
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = torch_io.read_state_dict(state_dict)
+    return _normalise_keys(state_dict)
+
+
 def load_torch_state_dict(
     module: nnx.Module,
     state_dict: Mapping[str, np.ndarray] | str | os.PathLike,
     *,
     ignore_prefixes: Sequence[str] = (),
+    optional_prefixes: Sequence[str] = (),
     rng_seed: int = 0,
 ) -> nnx.Module:
     """Copy a PyTorch state dict (or a `.pt`/`.pth` path) into `module`, in place; returns it.
 
     Works on abstract modules from `nnx.eval_shape` too (no costly random init needed); their
     dropout RNG state is then seeded with `rng_seed`.
+    `optional_prefixes`: layers (e.g. `"fc6."`) the state dict may lack altogether; they then keep
+    their current values. A layer with only some of its keys present is still an error.
     Raises ValueError listing missing keys, unused keys (those not starting with one of
     `ignore_prefixes`; BatchNorm `num_batches_tracked` counters are accepted) and shape mismatches.
     """
-    if isinstance(state_dict, (str, os.PathLike)):
-        state_dict = torch_io.read_state_dict(state_dict)
-    sd = _normalise_keys(state_dict)
+    sd = _read_normalised(state_dict)
     state, flat = _flat_state(module)
     expected = {_torch_key(n): (n, leaf) for n, leaf in flat}
     bn_prefixes = {k[: -len("running_mean")] for k in expected if k.endswith(".running_mean")}
-    missing = sorted(k for k in expected if k not in sd)
+    absent = tuple(p for p in optional_prefixes if not any(k.startswith(p) for k in sd))
+    missing = sorted(k for k in expected if k not in sd and not k.startswith(absent))
     unused = sorted(
         k for k in sd
         if k not in expected
@@ -110,14 +120,17 @@ def load_torch_state_dict(
             f"{missing}, {len(unused)} unused keys {unused}")
     new_leaves, bad_shapes = [], []
     for key, (names, leaf) in expected.items():
+        if key not in sd:  # an absent optional layer: its current value (or abstract shape) stays
+            new_leaves.append(leaf)
+            continue
         value = _from_torch_layout(np.asarray(sd[key], np.float32), names[-1], len(leaf.shape))
         if tuple(value.shape) != tuple(leaf.shape):
             bad_shapes.append(f"{key}: got {tuple(sd[key].shape)}, expected a tensor giving {tuple(leaf.shape)}")
-        new_leaves.append(value)
+        new_leaves.append(jax.numpy.asarray(value))
     if bad_shapes:
         raise ValueError("state dict shape mismatch: " + "; ".join(bad_shapes))
     treedef = jax.tree_util.tree_structure(state)
-    nnx.update(module, jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(v) for v in new_leaves]))
+    nnx.update(module, jax.tree_util.tree_unflatten(treedef, new_leaves))
     materialize_rng_state(module, seed=rng_seed)
     return module
 
@@ -144,14 +157,67 @@ def materialize_rng_state(module: nnx.Module, *, seed: int = 0) -> None:
     nnx.update(module, jax.tree_util.tree_unflatten(treedef, new))
 
 
+# Official full checkpoints: everything under the network's top-level modules.
+OFFICIAL_PREFIXES = ("backbone.", "classifier.", "c1.", "c2.", "c3.", "c4.")
+# The VGG init's layers: conv1_1 ... conv5_3, fc6, fc7 and (Caffe's classifier) fc8.
+_VGG_INIT_KEY = re.compile(r"(conv[1-5]_[1-3]|fc[678])\.(weight|bias)")
+# Skipped when a VGG init is loaded through `load_checkpoint`: its classifier, whose classes are
+# not ours (the model's classifier keeps its N(0, 0.01) init, as in the official code).
+VGG_INIT_SKIPPED = ("fc8.",)
+
+
+def _key_preview(keys: Sequence[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"
+
+
+def checkpoint_layout(state_dict: Mapping[str, np.ndarray]) -> str:
+    """'official' (keys `backbone.*`, `classifier.weight`, ...) or 'vgg_init' (`vgg_caffe.pth`:
+    `conv1_1.weight` ... `fc7.bias` without the `backbone.` prefix) from a state dict's keys.
+
+    The loaders then check every key; a state dict of neither layout is a ValueError listing
+    its keys.
+    """
+    keys = list(state_dict)
+    if any(k.startswith(OFFICIAL_PREFIXES) for k in keys):
+        return "official"
+    if "conv1_1.weight" in state_dict and all(_VGG_INIT_KEY.fullmatch(k) for k in keys):
+        return "vgg_init"
+    raise ValueError(
+        "unrecognised checkpoint layout: expected an official BANA checkpoint (keys backbone.*, "
+        "classifier.weight; DeepLab-ASPP also c1..c4.weight) or the DeepLab VGG16 init "
+        f"(conv1_1.weight ... conv5_3.bias, optionally fc6/fc7/fc8), got {len(keys)} keys "
+        f"{_key_preview(keys)}")
+
+
 def load_checkpoint(model: nnx.Module, checkpoint, **kwargs) -> nnx.Module:
-    """A full official checkpoint (labeler `.pt`, DeepLab-LargeFOV, DeepLab-ASPP) into `model`."""
-    return load_torch_state_dict(model, checkpoint, **kwargs)
+    """A PyTorch checkpoint (state dict or `.pt`/`.pth` path) into `model`, in place, by layout.
+
+    - official (labeler `.pt`, DeepLab-LargeFOV, DeepLab-ASPP): every parameter of `model`;
+    - VGG init (`vgg_caffe.pth`): the backbone only (`load_vgg_init`), its `fc8.*` skipped.
+    kwargs go to the loader (`ignore_prefixes`, `rng_seed`).
+    """
+    sd = _read_normalised(checkpoint)
+    if checkpoint_layout(sd) == "vgg_init":
+        ignore = tuple(kwargs.pop("ignore_prefixes", ())) + VGG_INIT_SKIPPED
+        return load_vgg_init(model, sd, ignore_prefixes=ignore, **kwargs)
+    return load_torch_state_dict(model, sd, **kwargs)
 
 
-def load_vgg_init(model: nnx.Module, checkpoint, *, ignore_prefixes: Sequence[str] = ()) -> nnx.Module:
+def load_vgg_init(model: nnx.Module, checkpoint, *, ignore_prefixes: Sequence[str] = (),
+                  rng_seed: int = 0) -> nnx.Module:
     """The DeepLab VGG16 init (`vgg_caffe.pth`, keys `conv1_1.weight` ... `fc7.bias`) into
-    `model.backbone`. Extra layers in the file (e.g. an `fc8` classifier) must be named in
-    `ignore_prefixes`, e.g. `("fc8",)`; the classifier keeps its N(0, 0.01) init."""
-    load_torch_state_dict(model.backbone, checkpoint, ignore_prefixes=ignore_prefixes)
+    `model.backbone` (a `VGGTrunk`), in place.
+
+    The 13 convs must all be there; fc6 and fc7 are loaded when the file has them and otherwise
+    keep their current values. Extra layers in the file (e.g. an `fc8` classifier) must be named
+    in `ignore_prefixes`, e.g. `("fc8",)`; the classifier keeps its N(0, 0.01) init.
+    """
+    trunk = getattr(model, "backbone", None)
+    if not isinstance(trunk, vgg.VGGTrunk):
+        raise ValueError("a VGG16 init (conv1_1.weight ... fc7.bias) needs a model with a VGG "
+                         f"backbone, got {type(model).__name__} with {type(trunk).__name__}")
+    load_torch_state_dict(trunk, checkpoint, ignore_prefixes=ignore_prefixes,
+                          optional_prefixes=("fc6.", "fc7."), rng_seed=rng_seed)
     return model

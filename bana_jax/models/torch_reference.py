@@ -2,6 +2,11 @@
 
 Written from the layer descriptions in docs/method.md, independently of our Flax code, as the
 numerics reference for the parity tests and `bana compare-torch`. Needs torch (the `torch` extra).
+
+`LabelerRef.forward_boxes` is the stage-1 forward with boxes as the official code runs it (grid
+background prototypes, background attention, each box's ROI resampled with `F.grid_sample` at its
+own size and pooled in 2 x 2 windows, GAP fallback, classifier, cross-entropy), one image and one
+box at a time: slow, but a direct transcription to check `bana_jax.bap` against.
 """
 
 from __future__ import annotations
@@ -53,10 +58,161 @@ class LabelerRef(nn.Module):
     def forward(self, x):
         return self.backbone(x)
 
+    def forward_boxes(self, images, boxes, batch_of_box, box_labels, bg_mask, **options):
+        """Stage 1 on a batch with boxes (official `Labeler.forward` + the training script's loss).
+
+        Args:
+          images: `(B, 3, H, W)` Caffe-normalised crops.
+          boxes: `(K, 4)` normalised `[x_min, y_min, x_max, y_max]` (`x / ((W - 1) / 2) - 1`),
+            real boxes only; batch_of_box `(K,)` int: the image of each box; box_labels `(K,)`.
+          bg_mask: `(B, H, W)` float, 1 = background, at crop resolution.
+          options: keywords of `stage1_vectors_ref` (grid_size, pooling, bg_threshold, roi_output).
+        Returns:
+          the dict of `stage1_vectors_ref` plus features `(B, D, h, w)`, logits
+          `(K * O_h * O_w + M, C)` (foreground vectors box by box, then background vectors),
+          targets `(K * O_h * O_w + M,)` and loss (mean cross-entropy).
+        """
+        features = self.backbone(images)
+        out = stage1_vectors_ref(features, bg_mask, boxes, batch_of_box, **options)
+        vectors = torch.cat([out["fg_vectors"].flatten(0, 1), out["bg_vectors"]])
+        # The classifier is the 1x1 conv, applied to vectors as 1 x 1 maps.
+        logits = self.classifier(vectors[:, :, None, None]).flatten(1)
+        windows = out["fg_vectors"].shape[1]
+        targets = torch.cat([box_labels.long().repeat_interleave(windows),
+                             torch.zeros(len(out["bg_vectors"]), dtype=torch.long)])
+        loss = F.cross_entropy(logits, targets)
+        return {**out, "features": features, "logits": logits, "targets": targets, "loss": loss}
+
 
 class DeepLabV1Ref(LabelerRef):
     def __init__(self, num_classes, widths=VGG16_WIDTHS, fc_dim=1024):
         super().__init__(num_classes, widths, fc_dim, dilation=12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1 with boxes (method.md "Stage 1", official-code details), one image and box at a time
+# ----------------------------------------------------------------------------------------------
+
+POOL_EPS = 1e-12  # added to every weighted-average denominator, as in the official code
+
+
+def grid_pads(size, grid_size):
+    """(before, after) zero padding to a multiple of N: an even pad is split, an odd one goes after."""
+    pad = (-size) % grid_size
+    return (pad // 2, pad // 2) if pad % 2 == 0 else (0, pad)
+
+
+def grid_background_ref(features, small_mask, grid_size):
+    """Mean background feature of each N x N cell of the zero-padded map.
+
+    features `(B, D, h, w)`, small_mask `(B, 1, h, w)` -> prototypes `(B, N * N, D)` (cells
+    row-major) and valid `(B, N * N)` bool (the cell holds a background pixel).
+    """
+    (top, bottom), (left, right) = (grid_pads(features.shape[2], grid_size),
+                                    grid_pads(features.shape[3], grid_size))
+    feats = F.pad(features, (left, right, top, bottom))
+    mask = F.pad(small_mask, (left, right, top, bottom))
+    cell = (feats.shape[2] // grid_size, feats.shape[3] // grid_size)
+    # Sums over each cell: an average pool whose divisor is 1.
+    numer = F.avg_pool2d(feats * mask, cell, cell, divisor_override=1)
+    denom = F.avg_pool2d(mask, cell, cell, divisor_override=1)
+    prototypes = numer / (denom + POOL_EPS)
+    return prototypes.flatten(2).transpose(1, 2), denom.flatten(1) > 0
+
+
+def roi_extent_ref(lo, hi, size):
+    """ROI length in feature pixels along one axis: `ceil(hi_f) - floor(lo_f)`.
+
+    lo, hi: 0-d float32 tensors (normalised); `x_f = x_n * (size - 1) / 2 + (size - 1) / 2` in
+    float32 like the official code, whose integer result depends on that rounding.
+    """
+    norm = (size - 1) / 2
+    ends = torch.stack([lo, hi]) * norm + norm
+    return int(ends[1].ceil() - ends[0].floor())
+
+
+def roi_grid_ref(box, roi_h, roi_w):
+    """Official `gen_grid`: the `(1, roi_h, roi_w, 2)` grid (x, y) at linspace over the box."""
+    x_min, y_min, x_max, y_max = box
+    grid_x = torch.linspace(x_min, x_max, roi_w).view(1, 1, roi_w, 1).expand(1, roi_h, roi_w, 1)
+    grid_y = torch.linspace(y_min, y_max, roi_h).view(1, roi_h, 1, 1).expand(1, roi_h, roi_w, 1)
+    return torch.cat([grid_x, grid_y], dim=-1)
+
+
+def background_attention_ref(roi, prototypes):
+    """`A(p) = mean_j ReLU(cos(f(p), q_j))`: roi `(1, D, H, W)`, prototypes `(M, D)` (valid
+    cells only, M >= 1) -> `(1, 1, H, W)`."""
+    normed_roi = F.normalize(roi, dim=1)
+    normed_q = F.normalize(prototypes, dim=1)[:, :, None, None]
+    cos = (normed_roi * normed_q).sum(dim=1, keepdim=True)  # (M, 1, H, W)
+    return F.relu(cos).mean(dim=0, keepdim=True)
+
+
+def weighted_window_pool_ref(roi, weight, out=(2, 2)):
+    """Official `weighted_avg_pool_2d`: `sum w f / (sum w + eps)` over O_h x O_w windows.
+
+    roi `(1, D, H, W)`, weight `(1, 1, H, W)` -> `(O_h * O_w, D)`, windows row-major. Stride
+    `H // O`, kernel `H - (O - 1) * stride` (windows overlap when H is odd); an ROI smaller than the
+    layout is replicate-padded (rows at the bottom, columns on the left) and pooled per pixel.
+    """
+    out_h, out_w = out
+    filtered = roi * weight
+    _, dims, h, w = filtered.shape
+    stride_h, stride_w = h // out_h, w // out_w
+    if stride_h == 0:
+        stride_h = 1
+        filtered = F.pad(filtered, (0, 0, 0, out_h - h), mode="replicate")
+        weight = F.pad(weight, (0, 0, 0, out_h - h), mode="replicate")
+    if stride_w == 0:
+        stride_w = 1
+        filtered = F.pad(filtered, (out_w - w, 0, 0, 0), mode="replicate")
+        weight = F.pad(weight, (out_w - w, 0, 0, 0), mode="replicate")
+    # Kernel from the unpadded size; at least 1 for a padded (1-pixel) ROI.
+    kernel_h = max(h - (out_h - 1) * stride_h, 1)
+    kernel_w = max(w - (out_w - 1) * stride_w, 1)
+    ones = torch.ones(dims, 1, kernel_h, kernel_w, dtype=roi.dtype)
+    numer = F.conv2d(filtered, ones, stride=(stride_h, stride_w), groups=dims)
+    denom = F.conv2d(weight, ones[:1], stride=(stride_h, stride_w)) + POOL_EPS
+    return (numer / denom).flatten(2)[0].T
+
+
+def stage1_vectors_ref(features, bg_mask, boxes, batch_of_box, *, grid_size=4, pooling="bap",
+                       bg_threshold=0.125, roi_output=(2, 2)):
+    """Foreground vectors of every box and background vectors of every valid grid cell.
+
+    Args:
+      features: `(B, D, h, w)`; bg_mask `(B, H, W)` at crop resolution, 1 = background.
+      boxes: `(K, 4)` normalised; batch_of_box `(K,)` int.
+      pooling: 'bap', or 'gap' (weight 1 everywhere); an image whose background is at most
+        `bg_threshold` of the crop, or that has no valid cell, uses GAP under 'bap' too.
+    Returns:
+      dict: fg_vectors `(K, O_h * O_w, D)`, bg_vectors `(M, D)` (valid cells, image by image, cells
+      row-major), bg_cells `[(b, j)] * M`, use_bap `[bool] * B`, roi_sizes `[(H_roi, W_roi)] * K`.
+    """
+    h, w = features.shape[2:]
+    # mode='nearest' is PyTorch's legacy rule src = floor(dst * in / out).
+    small_mask = F.interpolate(bg_mask[:, None], size=(h, w), mode="nearest")
+    prototypes, valid = grid_background_ref(features, small_mask, grid_size)
+    use_bap = [pooling == "bap" and bool(bg_mask[b].mean() > bg_threshold) and bool(valid[b].any())
+               for b in range(features.shape[0])]
+    fg_vectors, roi_sizes = [], []
+    for box, b in zip(boxes, batch_of_box.tolist()):
+        roi_h, roi_w = roi_extent_ref(box[1], box[3], h), roi_extent_ref(box[0], box[2], w)
+        roi = F.grid_sample(features[b:b + 1], roi_grid_ref(box, roi_h, roi_w), mode="bilinear",
+                            padding_mode="zeros", align_corners=False)
+        if use_bap[b]:
+            weight = 1 - background_attention_ref(roi, prototypes[b][valid[b]])
+        else:
+            weight = torch.ones_like(roi[:, :1])
+        fg_vectors.append(weighted_window_pool_ref(roi, weight, roi_output))
+        roi_sizes.append((roi_h, roi_w))
+    return {
+        "fg_vectors": torch.stack(fg_vectors),
+        "bg_vectors": prototypes[valid],
+        "bg_cells": [tuple(cell) for cell in torch.nonzero(valid).tolist()],
+        "use_bap": use_bap,
+        "roi_sizes": roi_sizes,
+    }
 
 
 class ConvBnRef(nn.Sequential):
