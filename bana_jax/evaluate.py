@@ -117,6 +117,24 @@ def _nan_to_none(values) -> list:
     return [None if np.isnan(v) else float(v) for v in values]
 
 
+def _softmax_tau(model: nnx.Module, config) -> float:
+    """The temperature of the evaluation softmax: the model's trained tau for the cosine head
+    (whose scores are cosines), 1 for the dot head (whose scores are logits).
+
+    The trained tau is `model.tau` (stage 3 builds the model with the tau of WORKDIR/deeplab.json).
+    `config.loss.tau` is a training setting: where it differs (an override at evaluation time) it
+    is not used, with a warning, since another tau would change the CRF's input.
+    """
+    if model.classifier.kind != "cosine":
+        return 1.0
+    config_tau = float(config.loss.tau)
+    tau = float(getattr(model, "tau", config_tau))
+    if not math.isclose(tau, config_tau, rel_tol=1e-9, abs_tol=0.0):
+        logger.warning("loss.tau=%g differs from the model's trained tau=%g; evaluating with the "
+                       "trained tau", config_tau, tau)
+    return tau
+
+
 def evaluate_model(model: nnx.Module, source, config, *, predictions_dir=None,
                    bucket: int = SIZE_BUCKET, progress: bool = True, crf_fn=None) -> dict:
     """Scores `model` on the samples of `source` (which must carry `label`), per `config.eval`.
@@ -125,7 +143,8 @@ def evaluate_model(model: nnx.Module, source, config, *, predictions_dir=None,
       model: a DeepLab (`model(images) -> (features, scores)`); switched to eval mode.
       source: random-access raw samples; the first `eval.max_images` (0 = all) are used, this
         host taking every process_count-th one.
-      config: uses `eval.*`, `crf.*`, `loss.tau`, `model.num_classes`.
+      config: uses `eval.*`, `crf.*`, `model.num_classes` (`loss.tau` only to warn when it
+        differs from the model's own `tau`, which is used).
       predictions_dir: if set, each prediction is written there as `<id>.png` (palette PNG).
       bucket: input padding granularity, 0 = exact sizes (see the module docstring).
       crf_fn: DenseCRF override for tests (default crf_ext.dense_crf).
@@ -133,12 +152,11 @@ def evaluate_model(model: nnx.Module, source, config, *, predictions_dir=None,
     Returns:
       dict with `miou`, `pixel_accuracy`, `mean_accuracy` (fractions), `iou`, `accuracy` (per
       class, None where undefined), `class_names`, `confusion` (int64 `(C, C)`, all hosts),
-      `num_images`, `table` (text).
+      `num_images`, `tau` (of the softmax), `table` (text).
     """
     ev = config.eval
     num_classes = int(config.model.num_classes)
-    # The cosine head's scores are cosines (tau applied here); the dot head's are logits.
-    tau = float(config.loss.tau) if model.classifier.kind == "cosine" else 1.0
+    tau = _softmax_tau(model, config)
     scorer = BucketedScorer(model, bucket)
     params = crf_params(config) if ev.crf else None
     total = len(source) if not ev.max_images else min(len(source), int(ev.max_images))
@@ -169,7 +187,7 @@ def evaluate_model(model: nnx.Module, source, config, *, predictions_dir=None,
         "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
         "mean_accuracy": scores["mean_accuracy"], "iou": _nan_to_none(scores["iou"]),
         "accuracy": _nan_to_none(scores["accuracy"]), "class_names": list(names),
-        "confusion": confusion, "num_images": num_images,
+        "confusion": confusion, "num_images": num_images, "tau": tau,
         "table": metrics.format_table(confusion, names),
     }
 

@@ -189,6 +189,28 @@ def prepare_boxes(boxes, box_labels, image_hw, classifier_weight, *, unseen_clas
     return PreparedBoxes(padded_boxes, box_channel, classes, channel_weights, has_weight, channel_valid)
 
 
+def remap_classifier_weight(classifier_weight, columns) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A labeler's classifier weights re-indexed for another class list (e.g. VOC -> COCO).
+
+    classifier_weight `(D, C_src)`; columns `(C,)` int: the column of `classifier_weight` that
+    scores class c of the new list, or -1 where none does (an unseen class). Column 0
+    (background) must exist. Returns the weights `(D, C)` (zero columns for unseen classes, which
+    `prepare_boxes` never reads) and the unseen class ids, ascending: pass both to `prepare_boxes`.
+    """
+    weight = np.asarray(classifier_weight, np.float32)
+    columns = np.asarray(columns, np.int64)
+    if weight.ndim != 2 or columns.ndim != 1 or len(columns) < 1:
+        raise ValueError(f"classifier_weight must be (D, C_src) and columns (C,), got shapes "
+                         f"{weight.shape} and {columns.shape}")
+    if columns[0] < 0 or np.any(columns >= weight.shape[1]) or np.any(columns < -1):
+        raise ValueError(f"columns must be in [-1, {weight.shape[1]}) with a background column 0, "
+                         f"got {columns.tolist()}")
+    seen = columns >= 0
+    remapped = np.zeros((weight.shape[0], len(columns)), np.float32)
+    remapped[:, seen] = weight[:, columns[seen]]
+    return remapped, tuple(int(c) for c in np.flatnonzero(~seen))
+
+
 # ------------------------------------------------------------------------------------------------
 # The three feature primitives: direct (full resolution) and fast (feature resolution)
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ writes `OUT/Y_crf/<id>.png`, `OUT/Y_ret/<id>.png` (uint8 palette PNGs, values = 
 - Resume: an image is finished when both its PNGs exist (each written to a temporary name and
   renamed, Y_crf last), and a restarted run skips it (it is still scored, from the PNGs).
 
+Classes: the labeler's classifier columns are the class ids, except for a VOC labeler on the 80
+COCO classes (`data.classes = 'coco'`): the 20 VOC categories use their VOC columns, the other 60
+are unseen classes (`1 - u_0` inside their boxes); see `voc_weights_for_coco`.
+
 Boxes: the data sources give inclusive pixel boxes; `pseudo_labels` wants half-open ones
 (`mask[y0:y1, x0:x1]`), so they are converted once here (`baselines.half_open_boxes`). The
 baselines take the inclusive boxes themselves.
@@ -55,6 +59,8 @@ from bana_jax import io as bio
 from bana_jax import metrics
 from bana_jax import pseudo_labels as pl
 from bana_jax import visualize
+from bana_jax.data.coco import COCO_TO_VOC
+from bana_jax.data.common import VOC_CLASSES
 from bana_jax.data.transforms import caffe_normalize
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,7 @@ IMAGE_STEP = 128  # image geometry is padded to multiples of this
 # Boxes and classes per image are padded to powers of two, at least these (VOC: 1-3 classes and
 # 1-6 boxes in most images, so one or two compilations per image bucket).
 MIN_BOXES, MIN_CLASSES = 8, 4
+COCO_CLASSES = 81  # the 80 COCO categories + background (data.classes = 'coco')
 BASELINES = ("box_fill", "grabcut")
 METHODS = ("y_crf", "y_ret", "agreement") + BASELINES
 
@@ -178,7 +185,8 @@ class _Job:
 
 
 def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Sequence[str] = BASELINES,
-                           unseen_classes: Sequence[int] = (), class_names: Sequence[str] | None = None,
+                           unseen_classes: Sequence[int] = (), classifier_weight: np.ndarray | None = None,
+                           num_classes: int | None = None, class_names: Sequence[str] | None = None,
                            workers: int | None = None, image_step: int = IMAGE_STEP,
                            num_visualisations: int = 8, progress: bool = True, report: bool = True,
                            process_index: int | None = None, process_count: int | None = None) -> dict:
@@ -189,11 +197,14 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
       source: random-access raw samples (`image`, `boxes` inclusive pixels, `box_labels`, `id`,
         optional `label`).
       config: uses `pseudo.use_u0`, `pseudo.grid_size` (1), `pseudo.bg_threshold` (0.99),
-        `pseudo.save_visualisations`, `crf.*`, `model.num_classes`.
+        `pseudo.save_visualisations`, `crf.*`, `model.num_classes` (unless num_classes is given).
       out_dir: where `Y_crf/`, `Y_ret/`, `baselines/grabcut/`, `visualisations/`, `summary.json` go.
       baselines: which of "box_fill", "grabcut" to score when ground truth exists (GrabCut costs
         about a second per box on a CPU; its labels are kept under `baselines/grabcut/`).
       unseen_classes: class ids without a trained classifier weight (`1 - u_0` inside their boxes).
+      classifier_weight: `(D, C)` weights per class id of `source`, replacing the labeler's own
+        (e.g. VOC columns re-indexed for COCO classes, `pseudo_labels.remap_classifier_weight`).
+      num_classes: classes of the labels, for scoring (default `model.num_classes`).
       class_names: names of the C classes for the per-class table (default: the source's, if any).
       workers: CPU threads for the CRF and baselines (default: all cores).
       image_step: image buckets are multiples of this many pixels.
@@ -224,7 +235,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)}")
-    num_classes = int(config.model.num_classes)
+    num_classes = int(config.model.num_classes if num_classes is None else num_classes)
     if class_names is None:
         class_names = getattr(source, "class_names", None)
     if class_names is None or len(class_names) != num_classes:
@@ -236,14 +247,14 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                       pos_w=crf_cfg.pos_w, pos_xy_std=crf_cfg.pos_xy_std, n_iter=crf_cfg.iterations)
     workers = workers or os.cpu_count() or 1
     extractor = FeatureExtractor(labeler)
-    weight = extractor.classifier_weight
+    weight = extractor.classifier_weight if classifier_weight is None else _check_weight(
+        classifier_weight, extractor.classifier_weight.shape[0])
     visualise = bool(pseudo.save_visualisations) and num_visualisations > 0
     vis_dir = out_dir / "visualisations"
 
     conf = {m: np.zeros((num_classes, num_classes), np.int64) for m in METHODS}
     totals = collections.Counter()  # image counts
     seconds = collections.defaultdict(list)  # per computed image: features, crf, retrieval, baselines
-    vis_titles = []
 
     def finish(job: _Job) -> dict:
         """CPU side of one image (a worker thread): CRF, Y_crf, Y_ret, writes, baselines."""
@@ -270,8 +281,10 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                 tiles, titles = visualize.pseudo_label_panel(
                     job.image, job.boxes, job.box_labels, y_crf, y_ret, bg_unary=job.bg_unary,
                     class_unary_max=job.class_unary_max, label=job.label)
-                visualize.write_png(vis_dir / f"{job.id}.png", tiles)
-                result["vis_titles"] = titles
+                # The titles travel inside the panel: panels differ in columns (no u_c tile
+                # without boxes, no ground truth without labels), and index.html also lists the
+                # panels of earlier runs.
+                visualize.write_png(vis_dir / f"{job.id}.png", tiles, titles=titles)
         else:
             y_crf, y_ret = bio.read_label_png(job.paths["y_crf"]), bio.read_label_png(job.paths["y_ret"])
         if job.label is not None:
@@ -302,8 +315,6 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                 seconds[key].append(result[key])
         if "device" in result:
             seconds["features"].append(result["device"] + result["retrieval"])
-        if "vis_titles" in result:
-            vis_titles[:] = result["vis_titles"]
 
     try:
         from tqdm.auto import tqdm
@@ -389,11 +400,21 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
         bio.write_json(out_dir / "summary.json", summary)
         panels = sorted(vis_dir.glob("*.png")) if visualise else []
         if panels:  # every panel so far, this run's and earlier runs'
-            titles = vis_titles or list(visualize.PANEL_COLUMNS)
-            visualize.write_index(vis_dir, [{"id": p.stem, "file": p.name, "titles": titles} for p in panels])
+            # A panel written before titles were stored in it gets none rather than wrong ones.
+            visualize.write_index(vis_dir, [{"id": p.stem, "file": p.name,
+                                             "titles": visualize.read_titles(p) or []} for p in panels])
         if report:
             _report(summary, class_names)
     return summary
+
+
+def _check_weight(classifier_weight, dims: int) -> np.ndarray:
+    """`classifier_weight` as float32 `(D, C)`, D = `dims` (the labeler's feature width)."""
+    weight = np.asarray(classifier_weight, np.float32)
+    if weight.ndim != 2 or weight.shape[0] != dims:
+        raise ValueError(f"classifier_weight must be (D, C) with the labeler's D = {dims}, got shape "
+                         f"{weight.shape}")
+    return weight
 
 
 def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step) -> None:
@@ -446,8 +467,62 @@ def _report(summary: dict, class_names) -> None:
     print(text, flush=True)
 
 
+def _category_map(source) -> dict[int, int] | None:
+    """COCO category id -> class id of the CocoSource inside `source` (through the builders'
+    wrappers, which keep it as `.source`), or None."""
+    while source is not None:
+        mapping = getattr(source, "category_map", None)
+        if mapping is not None:
+            return dict(mapping)
+        source = getattr(source, "source", None)
+    return None
+
+
+def voc_weights_for_coco(labeler_weight, source) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """The classifier weights of a VOC labeler for the 80 COCO classes, or None if this is not that case.
+
+    The case (method.md "Unseen classes (VOC -> COCO)"): the labeler scores the 21 VOC classes
+    (`labeler_weight` `(D, 21)`) and `source` gives the 80 COCO classes (`data.classes = 'coco'`,
+    class ids 1..80 = categories in ascending id). A category that is a VOC class (COCO_TO_VOC) is
+    scored by that VOC class's column; the other 60 have no weight (unseen: `1 - u_0` inside their
+    boxes). Returns the weights `(D, 81)` and the unseen class ids (see
+    `pseudo_labels.remap_classifier_weight`).
+    """
+    names = getattr(source, "class_names", None)
+    if labeler_weight.shape[1] != len(VOC_CLASSES) or names is None or len(names) != COCO_CLASSES:
+        return None
+    category_map = _category_map(source)
+    if category_map is None or len(category_map) != COCO_CLASSES - 1:
+        raise ValueError(f"a VOC labeler on {COCO_CLASSES - 1} classes needs a COCO source with its "
+                         "category map (data.name 'coco' or 'coco_subset', data.classes 'coco')")
+    columns = np.full(COCO_CLASSES, -1, np.int64)
+    columns[0] = 0  # background
+    for category, cls in category_map.items():
+        columns[cls] = COCO_TO_VOC.get(category, -1)
+    return pl.remap_classifier_weight(labeler_weight, columns)
+
+
+def _class_weights(labeler, source, class_names) -> dict:
+    """generate_pseudo_labels arguments for the classes of `source`: the VOC -> COCO weights and
+    unseen classes where that applies (logged), else nothing (the labeler's own weights)."""
+    weight = np.asarray(labeler.classifier.weight, np.float32)  # (D, C)
+    remapped = voc_weights_for_coco(weight, source)
+    if remapped is None:
+        return {}
+    remapped_weight, unseen = remapped
+    names = class_names if class_names is not None else source.class_names
+    log.info("VOC labeler on %d COCO classes: %d use their VOC classifier column, %d are unseen "
+             "(1 - u_0 inside their boxes): %s", COCO_CLASSES - 1, COCO_CLASSES - 1 - len(unseen),
+             len(unseen), ", ".join(names[c] for c in unseen))
+    return dict(classifier_weight=remapped_weight, unseen_classes=unseen, num_classes=COCO_CLASSES)
+
+
 def main(config, workdir) -> dict:
-    """`bana stage2`: label `pseudo.split` with the labeler of `pseudo.stage1_workdir`."""
+    """`bana stage2`: label `pseudo.split` with the labeler of `pseudo.stage1_workdir`.
+
+    A VOC labeler (21 classes) on COCO with `data.classes = 'coco'` labels all 80 COCO classes: the
+    20 VOC ones with their VOC weights, the other 60 as unseen classes (`voc_weights_for_coco`).
+    COCO data: the labels are also written as RLE instance masks, `OUT/instances_y_crf.json`."""
     from bana_jax import builders
     from bana_jax.stage1 import load_trained_labeler  # written alongside; imported lazily
     from bana_jax.train.loop import configure_compilation_cache
@@ -466,7 +541,8 @@ def main(config, workdir) -> dict:
         names = None
     out_dir = Path(config.pseudo.output_dir) if config.pseudo.output_dir else workdir / "pseudo_labels"
     summary = generate_pseudo_labels(labeler, source, config, out_dir, class_names=names,
-                                     progress=bool(config.train.progress_bar) and sys.stderr.isatty())
+                                     progress=bool(config.train.progress_bar) and sys.stderr.isatty(),
+                                     **_class_weights(labeler, source, names))
     if config.data.name in ("coco", "coco_subset") and jax.process_index() == 0:
         # COCO: also as instance masks (RLE), one per box, for Mask R-CNN training elsewhere.
         from bana_jax import coco_export

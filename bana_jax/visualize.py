@@ -8,15 +8,17 @@ raw-sample boxes: inclusive pixel `[x_min, y_min, x_max, y_max]`.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from bana_jax.io import atomic_write, voc_palette, write_text
 
 _SEPARATOR = 4  # white pixels between the tiles of a panel
+_TITLES_KEY = "bana:titles"  # PNG text chunk holding a panel's column titles (JSON list)
 
 
 def colorize(label) -> np.ndarray:
@@ -110,10 +112,26 @@ def pseudo_label_panel(image, boxes, box_labels, y_crf, y_ret, *, bg_unary=None,
     return panel(tiles), titles
 
 
-def write_png(path, rgb) -> None:
-    """An RGB image as PNG, atomically (temporary name + rename)."""
+def write_png(path, rgb, titles: Sequence[str] | None = None) -> None:
+    """An RGB image `(H, W, 3)` as PNG, atomically (temporary name + rename).
+
+    `titles` (a panel's column titles) go into a text chunk of the same file, so a panel always
+    carries its own titles, whichever run wrote it (see `read_titles`)."""
     image = Image.fromarray(_check_image(rgb))
-    atomic_write(Path(path), lambda f: image.save(f, format="PNG"))
+    info = None
+    if titles is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(_TITLES_KEY, json.dumps([str(t) for t in titles]))
+    atomic_write(Path(path), lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+def read_titles(path) -> list[str] | None:
+    """The column titles `write_png` stored in a panel, or None (a panel written without them)."""
+    # `info` holds the chunks before the pixel data, where PIL writes text chunks: the pixels are
+    # not decoded (`image.text` would decode them).
+    with Image.open(path) as image:
+        text = image.info.get(_TITLES_KEY)
+    return None if text is None else [str(t) for t in json.loads(text)]
 
 
 def write_index(directory, entries: Sequence[dict], title: str = "BANA pseudo labels") -> Path:

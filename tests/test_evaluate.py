@@ -7,6 +7,7 @@ synthetic images and evaluated on 8 images of the synthetic 'val' split.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import crf_ext
@@ -176,6 +177,46 @@ def test_crf_sees_the_rgb_image_or_the_official_uint8_cast(trained, val_source, 
     expected = caffe_normalize(image).astype(np.uint8) if quirk else image  # NumPy wraps mod 256
     np.testing.assert_array_equal(crf_image, expected)
     assert params["bi_xy_std"] == config.crf.bi_xy_std and params["n_iter"] == config.crf.iterations
+
+
+def test_softmax_uses_the_trained_tau_not_an_eval_time_override(trained, val_source, caplog):
+    """`loss.tau` overridden at evaluation: the CRF still gets softmax(tau * cosines) with the tau
+    of WORKDIR/deeplab.json (the one the model was trained with), and a warning says so."""
+    config, workdir = trained
+    trained_tau = json.loads((workdir / stage3.ARCH_FILE).read_text())["tau"]
+    config = demo_config(config.data.pseudo_labels, config.train.compilation_cache, NUM_STEPS)
+    config.eval.update(scales=(1.0,), flip=False, crf=True, max_images=1)
+    config.loss.tau = trained_tau / 4
+    model = stage3.load_trained_deeplab(workdir)
+    assert model.classifier.kind == "cosine" and model.tau == trained_tau
+    seen = []
+
+    def spy_crf(image, probs, **params):
+        seen.append(probs)
+        return probs
+
+    def run():
+        seen.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bana_jax.evaluate"):
+            result = evaluate.evaluate_model(model, val_source, config, bucket=0, progress=False,
+                                             crf_fn=spy_crf)
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING and "tau" in r.getMessage()]
+        return result, seen[0], warned
+
+    result, probs, warned = run()
+    cosines = resize_bilinear(model(jnp.asarray(caffe_normalize(val_source[0]["image"])[None]))[1],
+                              (SIZE, SIZE), align_corners=True)[0]
+    expected = np.asarray(jax.nn.softmax(trained_tau * cosines, axis=-1)).transpose(2, 0, 1)
+    overridden = np.asarray(jax.nn.softmax(config.loss.tau * cosines, axis=-1)).transpose(2, 0, 1)
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(probs - overridden).max() > 1e-3  # the override would have changed the input
+    assert result["tau"] == trained_tau and len(warned) == 1
+    assert f"{trained_tau:g}" in warned[0].getMessage() and f"{config.loss.tau:g}" in warned[0].getMessage()
+    config.loss.tau = trained_tau  # no override: no warning, same input
+    result, probs, warned = run()
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    assert result["tau"] == trained_tau and not warned
 
 
 def test_missing_model_and_unlabelled_split_fail_clearly(tmp_path, trained):

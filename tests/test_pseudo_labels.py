@@ -337,3 +337,29 @@ def test_box_pixels_and_bad_inputs():
     prepared = pl.prepare_boxes(boxes, labels, (H, W), weight)
     with pytest.raises(ValueError, match="features"):
         pl.stage2_unaries(feats[:-1], geom, prepared)
+
+
+def test_remapped_weights_label_another_class_list():
+    """VOC -> COCO: classes of an 81-entry list are scored by the VOC column they map to, or (no
+    VOC class) are unseen and get 1 - u_0 inside their boxes, as the transcription does."""
+    feats, weight, boxes, _, image = random_problem(5)
+    columns = np.full(81, -1)
+    columns[0], columns[1], columns[62] = 0, 15, 9  # background, person -> 15, chair -> 9
+    labels = np.array([1, 40, 1, 62])
+    remapped, unseen = pl.remap_classifier_weight(weight, columns)
+    expected = np.zeros((D, 81), np.float32)
+    for c, column in enumerate(columns):
+        if column >= 0:
+            expected[:, c] = weight[:, column]
+    np.testing.assert_array_equal(remapped, expected)
+    assert unseen == tuple(c for c in range(81) if c not in (0, 1, 62))
+    crf = fake_crf_fn(5)
+    ref = ref_stage2(feats, (H, W), boxes, labels, expected, crf, unseen=unseen)
+    out = run(feats, image, boxes, labels, remapped, crf, unseen_classes=unseen)
+    for key in ("probs", "bg_unary", "class_unary", "y_crf", "y_ret"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    x0, y0, x1, y1 = pl.box_pixels(boxes, (H, W))[1]  # the box of class 40 (channel 2)
+    np.testing.assert_allclose(out["class_unary"][1, y0:y1, x0:x1], 1 - out["bg_unary"][y0:y1, x0:x1])
+    for bad in (np.r_[-1, columns[1:]], np.r_[columns[:-1], 21], np.r_[columns[:-1], -2]):
+        with pytest.raises(ValueError, match="columns"):
+            pl.remap_classifier_weight(weight, bad)

@@ -3,12 +3,15 @@ summary against a NumPy computation from the written PNGs, the box convention, b
 
 import functools
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -40,10 +43,10 @@ def make_config():
     return config
 
 
-def make_labeler(seed=0):
+def make_labeler(seed=0, num_classes=NUM_CLASSES):
     """The tiny labeler with He-normal weights from NumPy: an eager random init would compile every
     initialiser (tens of seconds on a busy CPU); the shapes alone cost nothing."""
-    abstract = nnx.eval_shape(lambda: models.Labeler("tiny", NUM_CLASSES, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: models.Labeler("tiny", num_classes, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     rng = np.random.default_rng(seed)
 
@@ -112,6 +115,35 @@ def run(tmp_path_factory):
 
 def read(out, kind, image_id):
     return bio.read_label_png(out / kind / f"{image_id}.png")
+
+
+def check_panel_titles(vis, samples):
+    """index.html gives every panel its own titles: the image without boxes has no u_c tile, so
+    its titles are one column shorter than its neighbours'; each matches its panel's width."""
+    html = (vis / "index.html").read_text()
+    full = list(stage2.visualize.PANEL_COLUMNS)
+    without_boxes = [t for t in full if t != "max_c u_c"]
+    for sample in samples:
+        titles = without_boxes if sample["id"] == "no_box" else full
+        assert stage2.visualize.read_titles(vis / f"{sample['id']}.png") == titles
+        with Image.open(vis / f"{sample['id']}.png") as panel:  # tiles of SIZE px, 4 px apart
+            assert panel.size[0] == len(titles) * SIZE + (len(titles) - 1) * 4
+        entry = html.split(f"<h3>{sample['id']}</h3>\n<p>", 1)[1].split("</p>", 1)[0]
+        assert entry == " | ".join(titles), sample["id"]
+
+
+def test_each_panel_carries_its_own_titles(run, tmp_path):
+    # The no-box image comes last: the titles of the last result must not spread to the others.
+    assert run["samples"][-1]["id"] == "no_box"
+    check_panel_titles(run["out"] / "visualisations", run["samples"])
+    # A rerun that computes nothing lists the earlier run's panels, with their own titles.
+    out = tmp_path / "pseudo_labels"
+    shutil.copytree(run["out"], out)
+    (out / "visualisations" / "index.html").unlink()
+    summary = stage2.generate_pseudo_labels(make_labeler(), ListSource(run["samples"], run["names"]), make_config(),
+                                            out, workers=1, progress=False, baselines=("box_fill",))
+    assert summary["skipped"] == len(run["samples"])
+    check_panel_titles(out / "visualisations", run["samples"])
 
 
 def test_outputs_are_palette_pngs_of_present_classes(run):
@@ -382,3 +414,215 @@ def test_main_reads_the_config(tmp_path, monkeypatch):
     config.pseudo.stage1_workdir = ""
     with pytest.raises(ValueError, match="stage1_workdir"):
         stage2.main(config, tmp_path / "work")
+
+
+# ------------------------------------------------------------------------------------------------
+# `bana stage2` on real COCO photos (coco_subset): VOC -> COCO unseen classes, the RLE export
+# ------------------------------------------------------------------------------------------------
+
+# person + scissors, bird + apple, giraffe: VOC classes and others, and an image with no VOC box.
+COCO_FILES = ("000000551757.jpg", "000000172123.jpg", "000000163497.jpg")
+
+
+@pytest.fixture(scope="module")
+def coco_annotations(shared_data, tmp_path_factory):
+    """coco_mini's instances json reduced to COCO_FILES (every category kept)."""
+    with open(shared_data / "coco_mini" / "annotations" / "instances_train2017.json") as f:
+        coco = json.load(f)
+    images = [im for im in coco["images"] if im["file_name"] in COCO_FILES]
+    ids = {im["id"] for im in images}
+    assert len(images) == len(COCO_FILES) and len(coco["categories"]) == 80
+    reduced = dict(images=images, categories=coco["categories"],
+                   annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+    path = tmp_path_factory.mktemp("coco_subset") / "instances.json"
+    path.write_text(json.dumps(reduced))
+    return path
+
+
+class Records(logging.Handler):
+    """Keeps the log records it receives (caplog is per test; the runs are per module)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def run_main_on_coco(shared_data, annotations, workdir, classes):
+    """stage2.main on the coco_subset config with a tiny random VOC labeler (21 classes) standing
+    in for the stage-1 export. Returns the config, the labeler, the CRF calls (input and output per
+    image size) and stage2's log records."""
+    from bana_jax.train.config import load_config
+
+    labeler = make_labeler(seed=3, num_classes=21)
+    config = load_config(REPO / "configs/coco_subset/stage2.py")
+    config.data.images = str(shared_data / "coco_mini" / "train2017")
+    config.data.annotations = str(annotations)
+    config.data.classes = classes
+    config.pseudo.stage1_workdir = str(workdir / "stage1")
+    config.pseudo.save_visualisations = False
+    config.train.compilation_cache, config.train.progress_bar = "", False
+    crf_calls = {}
+    real_crf = crf_ext.dense_crf
+
+    def spy_crf(image, probs, **params):
+        refined = real_crf(image, probs, **params)
+        crf_calls[image.shape[:2]] = (probs.copy(), refined)
+        return refined
+
+    fake_stage1 = types.ModuleType("bana_jax.stage1")
+    fake_stage1.load_trained_labeler = lambda _: labeler
+    handler = Records()
+    logger = logging.getLogger("bana_jax.stage2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "bana_jax.stage1", fake_stage1)
+        patch.setattr(crf_ext, "dense_crf", spy_crf)
+        # GrabCut (about a second per box on a CPU) is not what these tests are about.
+        patch.setattr(stage2.baselines_lib, "grabcut", lambda image, boxes, labels:
+                      stage2.baselines_lib.box_fill(boxes, labels, image.shape[:2]))
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        try:
+            summary = stage2.main(config, workdir)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    return dict(config=config, labeler=labeler, crf_calls=crf_calls, log=handler.records,
+                summary=summary, out=workdir / "pseudo_labels")
+
+
+@pytest.fixture(scope="module")
+def coco80_run(shared_data, coco_annotations, tmp_path_factory):
+    return run_main_on_coco(shared_data, coco_annotations, tmp_path_factory.mktemp("coco80"), "coco")
+
+
+@pytest.fixture(scope="module")
+def voc20_run(shared_data, coco_annotations, tmp_path_factory):
+    return run_main_on_coco(shared_data, coco_annotations, tmp_path_factory.mktemp("voc20"), "voc")
+
+
+def coco_source(run):
+    from bana_jax import builders
+
+    return builders.data_source(run["config"], run["config"].pseudo.split)
+
+
+def runner_buckets(features, sample) -> dict:
+    """The padded sizes stage 2 uses for this image, so that the direct computations share its
+    compiled functions (padding does not change the result: test_pseudo_labels)."""
+    (h, w), (height, width) = features.shape[:2], sample["image"].shape[:2]
+    return dict(feature_bucket=(stage2._round_up(h, stage2.FEATURE_STEP), stage2._round_up(w, stage2.FEATURE_STEP)),
+                image_bucket=(stage2._round_up(height, stage2.IMAGE_STEP), stage2._round_up(width, stage2.IMAGE_STEP)),
+                max_boxes=stage2._pow2_at_least(len(sample["boxes"]), stage2.MIN_BOXES),
+                max_classes=stage2._pow2_at_least(len(np.unique(sample["box_labels"])), stage2.MIN_CLASSES))
+
+
+def expected_voc_columns(annotations):
+    """Per COCO class id (1..80 = categories in ascending id): its VOC class, or -1 (unseen)."""
+    from bana_jax.data.coco import COCO_TO_VOC
+
+    categories = sorted(c["id"] for c in json.loads(Path(annotations).read_text())["categories"])
+    return np.array([0] + [COCO_TO_VOC.get(cat, -1) for cat in categories])
+
+
+def test_voc_labeler_on_coco80_maps_voc_classes_and_treats_the_rest_as_unseen(coco80_run, coco_annotations):
+    """Per image: the CRF input is the unaries of the VOC weight columns mapped to COCO classes
+    (a direct pseudo_labels computation), an unseen class's logit is 1 - u_0 in its boxes, and
+    Y_crf / Y_ret are what pseudo_labels makes of that CRF's output."""
+    run, source = coco80_run, coco_source(coco80_run)
+    columns = expected_voc_columns(coco_annotations)
+    unseen = [c for c in range(81) if columns[c] < 0]
+    assert len(unseen) == 60 and run["summary"]["settings"]["unseen_classes"] == unseen
+    message, = [r.getMessage() for r in run["log"] if "unseen" in r.getMessage()]
+    assert "60 are unseen" in message and "giraffe" in message and "scissors" in message
+    assert "person" not in message.split(":", 1)[1]
+    labeler = run["labeler"]
+    voc_weight = np.asarray(labeler.classifier.weight)  # (D, 21)
+    weight = np.zeros((voc_weight.shape[0], 81), np.float32)
+    weight[:, columns >= 0] = voc_weight[:, columns[columns >= 0]]
+    assert len(source) == len(COCO_FILES)
+    unseen_found = set()
+    for index in range(len(source)):
+        sample = source[index]
+        image, labels = sample["image"], sample["box_labels"]
+        half_open = sample["boxes"] + np.array([0, 0, 1, 1], np.float32)
+        probs_in, refined = run["crf_calls"][image.shape[:2]]  # the runner's CRF input and output
+        features = np.asarray(labeler(jnp.asarray(caffe_normalize(image)[None])))[0]
+        buckets = runner_buckets(features, sample)
+        expected = pl.pseudo_labels(features, image, half_open, labels, weight, unseen_classes=unseen,
+                                    crf=lambda _, p: refined, **buckets)
+        np.testing.assert_allclose(probs_in, expected["probs"], atol=1e-4)
+        # Unseen classes: inside their boxes, log p_c - log p_0 = (1 - u_0) - u_0.
+        u0 = expected["bg_unary"]
+        boxes_px = pl.box_pixels(half_open, image.shape[:2])
+        for channel, cls in enumerate(expected["classes"], 1):
+            inside = np.zeros(image.shape[:2], bool)
+            for (x0, y0, x1, y1), c in zip(boxes_px, labels):
+                inside[y0:y1, x0:x1] |= c == cls
+            if cls in unseen:
+                unseen_found.add(int(cls))
+                np.testing.assert_allclose(np.log(probs_in[channel][inside] / probs_in[0][inside]),
+                                           1 - 2 * u0[inside], atol=1e-4)
+                assert np.any(bio.read_label_png(run["out"] / "Y_crf" / f"{sample['id']}.png") == cls)
+        # The mapped VOC column matters: the classes' own (identity) columns give other unaries.
+        identity = pl.pseudo_labels(features, image, half_open, labels, np.pad(voc_weight, ((0, 0), (0, 60))),
+                                    unseen_classes=unseen, crf=lambda _, p: refined, **buckets)
+        if any(columns[c] >= 0 for c in labels):
+            assert np.abs(identity["probs"] - probs_in).max() > 1e-2
+        for key, kind in (("y_crf", "Y_crf"), ("y_ret", "Y_ret")):
+            got = bio.read_label_png(run["out"] / kind / f"{sample['id']}.png")
+            assert np.mean(got == expected[key]) > 0.999, kind
+    assert {"giraffe", "scissors", "apple"} <= {source.class_names[c] for c in unseen_found}
+
+
+def check_instances(run, category_of_class):
+    """instances_y_crf.json: a COCO instances file whose masks are (Y_crf == class) & box."""
+    from pycocotools.coco import COCO
+    from pycocotools import mask as mask_utils
+
+    path = run["out"] / "instances_y_crf.json"
+    exported = json.loads(path.read_text())
+    assert set(exported) == {"images", "annotations", "categories"}
+    coco = COCO(str(path))  # pycocotools indexes it as a dataset...
+    # ... and takes its instances as results for the source annotations (as Mask R-CNN output).
+    COCO(run["config"].data.annotations).loadRes(exported["annotations"])
+    source = coco_source(run)
+    assert sorted(im["file_name"] for im in exported["images"]) == sorted(
+        f"{source[i]['id']}.jpg" for i in range(len(source)))
+    by_file = {im["file_name"]: im for im in exported["images"]}
+    total = 0
+    for index in range(len(source)):
+        sample = source[index]
+        image = by_file[f"{sample['id']}.jpg"]
+        y_crf = bio.read_label_png(run["out"] / "Y_crf" / f"{sample['id']}.png")
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        assert len(annotations) == len(sample["boxes"]) > 0  # one instance per box, same order
+        for ann, box, cls in zip(annotations, sample["boxes"], sample["box_labels"]):
+            x0, y0, x1, y1 = np.floor(box).astype(int)  # inclusive pixel box
+            want = np.zeros(y_crf.shape, np.uint8)
+            want[y0:y1 + 1, x0:x1 + 1] = y_crf[y0:y1 + 1, x0:x1 + 1] == cls
+            assert ann["category_id"] == category_of_class[int(cls)] and ann["iscrowd"] == 0
+            assert ann["segmentation"]["size"] == [image["height"], image["width"]]
+            assert isinstance(ann["segmentation"]["counts"], str)
+            np.testing.assert_array_equal(mask_utils.decode(ann["segmentation"]), want)
+            np.testing.assert_array_equal(coco.annToMask(ann), want)
+            assert ann["area"] == want.sum()
+            total += want.sum()
+    assert total > 0
+
+
+def test_main_exports_coco80_instances(coco80_run, coco_annotations):
+    categories = sorted(c["id"] for c in json.loads(coco_annotations.read_text())["categories"])
+    check_instances(coco80_run, {i + 1: cat for i, cat in enumerate(categories)})
+
+
+def test_main_exports_voc20_instances(voc20_run):
+    from bana_jax.data.coco import COCO_TO_VOC
+
+    assert voc20_run["summary"]["settings"]["unseen_classes"] == []
+    assert not [r for r in voc20_run["log"] if "unseen" in r.getMessage()]
+    assert voc20_run["summary"]["images"] == 2  # the giraffe image has no VOC box
+    check_instances(voc20_run, {voc: coco for coco, voc in COCO_TO_VOC.items()})
