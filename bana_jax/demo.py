@@ -95,6 +95,8 @@ def run(configs: dict, workdir) -> dict:
     pseudo_dir = dirs["stage2"] / "pseudo_labels"
     with configs["stage3"].unlocked():
         configs["stage3"].data.pseudo_labels = str(pseudo_dir)
+        if configs["stage3"].model.init == "none":  # the labeler's trunk as the pretrained init
+            configs["stage3"].model.init = str(dirs["stage1"])
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()

@@ -100,8 +100,13 @@ def test_loss_falls_on_synthetic_data(sharded_run):
         state, metrics = step(state, mesh_lib.shard_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses))
+    # From the He init scaled for Caffe-range pixels the loss starts near log(C) (uniform
+    # scores), not at the tens a unit-variance init gives; 40 steps at the demo's rate lower it
+    # by ~8% (an update that does not reach the weights leaves it flat).
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < 0.5 * first, losses
+    num_classes = load_config(DEMO).model.num_classes
+    assert abs(first - np.log(num_classes)) < 0.1, losses
+    assert last < 0.96 * first, losses
 
 
 def stage1_args(workdir, cache_dir, steps):

@@ -19,6 +19,11 @@ from flax import nnx
 normal_001 = nnx.initializers.normal(stddev=0.01)
 # He/Kaiming normal (fan_in) for backbone convs that are not loaded from a checkpoint.
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+# The first conv sees Caffe-normalised pixels (BGR minus mean, 0-255 range: std ~60 on photos), not
+# unit-variance inputs: He init scaled down by that std keeps a from-scratch trunk's activations
+# near 1 instead of ~60 (with which SGD at the official rates diverges). Pretrained inits overwrite it.
+CAFFE_PIXEL_STD = 60.0
+he_normal_caffe_input = nnx.initializers.variance_scaling(2.0 / CAFFE_PIXEL_STD**2, "fan_in", "normal")
 
 
 def conv2d(

@@ -51,9 +51,9 @@ class VGGTrunk(nnx.Module):
         for block, (width, n_convs) in enumerate(zip(self.widths, CONVS_PER_BLOCK), start=1):
             dilation = 2 if block == 5 else 1
             for i in range(1, n_convs + 1):
-                conv = layers.conv2d(
-                    in_ch, width, 3, padding=dilation, dilation=dilation, dtype=dtype, rngs=rngs
-                )
+                init = layers.he_normal_caffe_input if in_ch == 3 else layers.he_normal
+                conv = layers.conv2d(in_ch, width, 3, padding=dilation, dilation=dilation,
+                                     kernel_init=init, dtype=dtype, rngs=rngs)
                 setattr(self, f"conv{block}_{i}", conv)
                 in_ch = width
         self.fc6 = layers.conv2d(

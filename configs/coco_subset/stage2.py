@@ -20,7 +20,7 @@ def get_config():
     config.data.classes = "voc"
     config.data.batch_size = 1
 
-    config.model.name = "efficientnet_lite0_labeler"
+    config.model.name = "vgg16_labeler"
     config.model.init = "none"             # weights from the stage-1 checkpoint
     config.model.num_classes = 21
 

@@ -9,7 +9,7 @@ def get_config():
     config.data.name = "synthetic"
     config.data.split = "train"
     config.data.synthetic_images = 64
-    config.data.synthetic_size = 64
+    config.data.synthetic_size = 128
     config.data.batch_size = 1
     config.data.max_boxes = 4
     config.data.num_workers = 0
