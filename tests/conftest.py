@@ -20,5 +20,5 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real COCO photos + annotations); CI has it too, so its absence is a failure."""
-    assert SHARED_DATA.is_dir(), f"real test data not found at {SHARED_DATA} (see DEVELOPERS.md)"
+    assert SHARED_DATA.is_dir(), f"real test data not found at {SHARED_DATA} (../shared/data/README.md: it lies beside the repository)"
     return SHARED_DATA

@@ -36,7 +36,9 @@ model.*
   fc6_dilation    1 (stage 1) or 12 (DeepLab-LargeFOV)
   dropout         channel dropout rate after fc6 / fc7
   classifier      'dot' | 'cosine' (stage 3 head)
-  freeze_bn       DeepLab-V2: keep BatchNorm statistics and affine parameters fixed
+  freeze_bn       stage 3 (ResNet-101, EfficientNet-Lite0): BatchNorm uses its running statistics
+                  and does not update them; scale and bias still train (the official freeze_bn).
+                  The stage-1 EfficientNet labeler always trains its BatchNorm.
   dtype           'float32' | 'bfloat16' (computation dtype)
 
 optim.*  (SGD, PyTorch semantics: coupled L2, momentum; see bana_jax.train.optim)
