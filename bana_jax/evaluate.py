@@ -15,7 +15,8 @@ program per bucket), and keeps the top-left block of the output the unpadded inp
 strides are anchored at the top-left pixel), so the upsampling to the image is the official one;
 what differs is the context: near the bottom and right edges the network sees mean-colour padding
 (as in training crops) where the unpadded run sees the conv layers' zero padding. So bucketing is
-not bit-exact, only close; `bucket=0` runs every size unpadded (exact, one compilation per size).
+not bit-exact, only close; `eval.size_bucket=0` runs every size unpadded (exact, one compilation
+per size).
 
 Outputs: WORKDIR/eval_<split>.json (scores, per-class table, settings), the table on stdout, and
 with `eval.save_predictions` palette PNGs in WORKDIR/predictions/<split>/<id>.png.
@@ -202,7 +203,7 @@ def main(config, workdir) -> int:
     source = builders.data_source(config, ev.split, max_images=0)
     predictions_dir = workdir / "predictions" / ev.split if ev.save_predictions else None
     result = evaluate_model(model, source, config, predictions_dir=predictions_dir,
-                            progress=bool(config.train.progress_bar))
+                            bucket=int(ev.size_bucket), progress=bool(config.train.progress_bar))
     if is_main_process():
         print(f"{ev.split}: {result['num_images']} images, scales {tuple(ev.scales)}, "
               f"flip {ev.flip}, CRF {crf_params(config) if ev.crf else 'off'}")
@@ -212,7 +213,7 @@ def main(config, workdir) -> int:
             confusion=result["confusion"].tolist(), checkpoint=str(checkpoint_path),
             split=ev.split, scales=list(ev.scales), flip=bool(ev.flip), crf=bool(ev.crf),
             crf_params=list(crf_params(config)), crf_iterations=int(config.crf.iterations),
-            crf_uint8_quirk=bool(ev.crf_uint8_quirk), size_bucket=SIZE_BUCKET,
+            crf_uint8_quirk=bool(ev.crf_uint8_quirk), size_bucket=int(ev.size_bucket),
             predictions=str(predictions_dir) if predictions_dir else None)
         io.write_json(workdir / f"eval_{ev.split}.json", record)
         logger.info("mIoU %.2f%% on %s; results in %s", 100 * result["miou"], ev.split,

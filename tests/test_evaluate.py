@@ -253,3 +253,12 @@ def test_cli_stage3_then_evaluate(pseudo_dir, cache_dir, tmp_path):
     record = json.loads((tmp_path / "eval_val.json").read_text())
     assert record["num_images"] == 2 and 0 <= record["miou"] <= 1
     assert len(list((tmp_path / "predictions" / "val").glob("*.png"))) == 2
+    # eval.size_bucket=0: every size unpadded, the same confusion as evaluate_model(bucket=0).
+    assert record["size_bucket"] == 64
+    assert cli.main(["evaluate", *args, "--config.eval.size_bucket=0"]) == 0
+    exact = json.loads((tmp_path / "eval_val.json").read_text())
+    config = cli.resolve_config(str(config_file), cli.split_overrides(args[2:])[1], False)
+    expected = evaluate.evaluate_model(stage3.load_trained_deeplab(tmp_path),
+                                       builders.data_source(config, "val", max_images=0), config,
+                                       bucket=0, progress=False)
+    assert exact["size_bucket"] == 0 and exact["confusion"] == expected["confusion"].tolist()

@@ -75,7 +75,9 @@ crf.*  (DenseCRF; stage 2 and evaluation)
 eval.*
   split, scales, flip, crf (apply the CRF), crf_uint8_quirk (official code's BGR->uint8 input),
   max_images (0 = all), save_predictions (palette PNGs), checkpoint ('' = latest in workdir),
-  cam_split (evaluate-cams: split with ground truth)
+  cam_split (evaluate-cams: split with ground truth), size_bucket (inputs padded to multiples of
+  this many pixels, one compilation per bucket; 0 = every size unpadded, exact as the official
+  code, one compilation per size; bana_jax.evaluate)
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def base_config() -> ConfigDict:
         iterations=10, bi_w=4.0, bi_xy_std=55.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=3.0))
     c.eval = ConfigDict(dict(
         split="val", scales=(1.0, 0.5, 0.75, 1.5), flip=True, crf=True, crf_uint8_quirk=False,
-        max_images=0, save_predictions=True, checkpoint="", cam_split="val"))
+        max_images=0, save_predictions=True, checkpoint="", cam_split="val", size_bucket=64))
     return c
 
 
@@ -226,7 +228,7 @@ def validate_config(config: ConfigDict) -> ConfigDict:
                  "train.num_steps", "train.log_every", "train.keep_checkpoints",
                  "loss.grid_size", "pseudo.grid_size", "crf.iterations", "model.fc6_dilation"):
         check(given[name] >= 1, name, "an integer >= 1")
-    for name in ("data.max_images", "data.num_workers", "train.checkpoint_every",
+    for name in ("data.max_images", "data.num_workers", "train.checkpoint_every", "eval.size_bucket",
                  "data.synthetic_images", "data.synthetic_size"):
         check(given[name] >= 0, name, "an integer >= 0")
     check(given["optim.lr"] > 0, "optim.lr", "> 0")
