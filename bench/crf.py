@@ -125,13 +125,18 @@ def bench_lattice(reps) -> list[str]:
 
 
 def peak_growth_mib(impl: str, size: tuple[int, int], n_labels: int) -> float:
-    """ru_maxrss growth of one call, in a fresh interpreter (inputs made before the baseline)."""
+    """Peak RSS growth of one call, in a fresh interpreter, in MiB.
+
+    Making the inputs has a higher peak than some calls, so ru_maxrss would read 0: the kernel's
+    high-water mark (VmHWM) is reset after the inputs exist (clear_refs 5) and read after the call.
+    """
     code = (
-        "import resource, sys; sys.path.insert(0, %r); import bench.crf as b; import crf_ext, pydensecrf.densecrf\n"
+        "import sys; sys.path.insert(0, %r); import bench.crf as b; import crf_ext, pydensecrf.densecrf\n"
         "img = b.load_photo(b.PHOTO_NAMES[0], %r); p = b.smooth_probs(%d, %d, %d, 0)\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "kib = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); base = kib('VmRSS:')\n"
         "(b.pydensecrf_call(img, p) if %r == 'pydensecrf' else b.ours_call(img, p, 2))\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+        "print((kib('VmHWM:') - base) / 1024)\n"
     ) % (str(REPO), size, n_labels, size[1], size[0], impl)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
