@@ -1,4 +1,4 @@
-"""Demo, stage 1: a tiny VGG-style labeler on the embedded synthetic dataset (CPU, about a minute).
+"""Demo, stage 1: a tiny VGG-style labeler on the embedded synthetic dataset (CPU, about 90 s).
 
 Used by `bana demo` (configs/demo/demo.py) and runnable alone:
     bana stage1 --config=configs/demo/stage1.py --workdir=/tmp/demo_stage1
