@@ -241,17 +241,18 @@ def torch_deeplab(config):
 
 
 def torch_optimizer(model, optim_config):
-    """SGD with the groups of models.param_group_label: under `backbone.` = pretrained, else new;
-    `bias` = bias, else weight (BatchNorm scales are weights, as in JAX).
+    """SGD with the parameter groups of the JAX side (models.param_group_label on the torch names:
+    the official key names match ours; BatchNorm `weight` = our `scale`, a weight in both).
 
     Constant learning rates: the poly schedule only changes the lr scalars, which costs nothing.
     """
     import torch
 
+    from bana_jax.models.networks import param_group_label
+
     members = {name: [] for name in optim_config.groups.keys()}
     for name, param in model.named_parameters():
-        origin = "pretrained" if name.startswith("backbone.") else "new"
-        members[f"{origin}_{'bias' if name.endswith('bias') else 'weight'}"].append(param)
+        members[param_group_label(tuple(name.split(".")))].append(param)
     groups = [dict(params=params, lr=float(optim_config.lr) * float(optim_config.groups[g].lr_mult),
                    weight_decay=float(optim_config.groups[g].weight_decay))
               for g, params in members.items() if params]
