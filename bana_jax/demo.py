@@ -140,15 +140,16 @@ def write_report(workdir: Path, summary: dict, visualisations: Path) -> Path:
     def table(rows) -> str:
         return "<table>" + "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows) + "</table>"
 
-    panels = "\n".join(f"<h3>{html.escape(p.stem)}</h3><img src=\"{html.escape(p.relative_to(workdir).as_posix())}\">"
+    # Each panel's own column titles (panels differ: no u_c tile for an image without boxes).
+    panels = "\n".join(f"<h3>{html.escape(p.stem)}</h3><p>{html.escape(' | '.join(visualize.read_titles(p) or []))}"
+                       f"</p><img src=\"{html.escape(p.relative_to(workdir).as_posix())}\">"
                        for p in sorted(visualisations.glob("*.png")))
     text = ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>bana demo</title>"
             "<style>body{font-family:sans-serif} td{padding:2px 12px} img{max-width:100%;"
             "image-rendering:pixelated}</style></head><body>\n<h1>bana demo (synthetic data)</h1>\n"
             "<h2>mIoU (%)</h2>" + table((t, _cell(summary["miou"][k])) for k, t in ROWS) + "\n"
             "<h2>Seconds</h2>" + table((k, f"{v:.1f}") for k, v in summary["seconds"].items()) + "\n"
-            f"<h2>Pseudo labels</h2><p>{html.escape(' | '.join(visualize.PANEL_COLUMNS))}</p>\n"
-            f"{panels}\n</body></html>\n")
+            f"<h2>Pseudo labels</h2>\n{panels}\n</body></html>\n")
     path = workdir / "index.html"
     io.write_text(path, text)
     return path

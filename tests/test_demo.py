@@ -1,6 +1,7 @@
 """`bana demo --shrink` end to end: all four steps on the same synthetic images, the summary
 against the files each stage wrote (scored again in NumPy), the report, a resumed second run."""
 
+import html
 import json
 import os
 import tempfile
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bana_jax import builders, cli, demo
+from bana_jax import builders, cli, demo, visualize
 from bana_jax import io as bio
 from bana_jax.train.config import apply_overrides, load_config, validate_config
 
@@ -94,7 +95,9 @@ def test_report_and_table(demo_run):
     panels = sorted((workdir / "stage2" / "pseudo_labels" / "visualisations").glob("*.png"))
     assert panels, "stage 2 wrote no visualisation panels"
     for panel in panels:
-        assert f'src="{panel.relative_to(workdir).as_posix()}"' in text
+        # Each panel is shown under its own column titles.
+        titles = " | ".join(visualize.read_titles(panel))
+        assert f'<p>{html.escape(titles)}</p><img src="{panel.relative_to(workdir).as_posix()}"' in text
     assert f"{summary['miou']['y_crf']:.1f}" in text
     table = demo.format_table(summary)
     assert [line.split()[0] for line in table.splitlines()[1:6]] == ["box-fill", "GrabCut", "Y_crf", "Y_ret", "DeepLab"]
