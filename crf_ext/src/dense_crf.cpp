@@ -13,37 +13,51 @@ namespace crf {
 
 namespace {
 
-// Pixels per softmax chunk: small enough for L1, long enough to vectorise the exp.
+// Points per softmax chunk: small enough for L1, long enough to fill the SIMD lanes.
 constexpr int kChunk = 64;
 
-// q_rows[p] = softmax(logits[p]) for `count` points; logits (count x n_labels) is overwritten.
-// Same steps as pydensecrf's expAndNormalize: subtract the max, exponentiate, divide by the sum.
-void softmax_rows(float* logits, int count, int n_labels, float* q_rows, int stride) {
+// q[p] = softmax(logits[p]) for `count` <= kChunk points, both point-major with `stride` floats
+// per point (the first n_labels used; q's padding lanes are set to zero). The labels are
+// transposed into `by_label` (n_labels x kChunk) so that every step runs across points in SIMD
+// lanes while each point still takes pydensecrf's expAndNormalize steps in label order:
+// subtract the max, exponentiate, sum, divide.
+void softmax_chunk(const float* __restrict logits, int count, int n_labels, int stride, float* __restrict by_label,
+                   float* __restrict q) {
   for (int p = 0; p < count; ++p) {
-    float* x = logits + static_cast<std::size_t>(p) * n_labels;
-    float top = x[0];
-    for (int l = 1; l < n_labels; ++l) top = std::max(top, x[l]);
-    for (int l = 0; l < n_labels; ++l) x[l] -= top;
+    for (int l = 0; l < n_labels; ++l) by_label[l * kChunk + p] = logits[static_cast<std::size_t>(p) * stride + l];
   }
-  exp_inplace(logits, count * n_labels);
+  float top[kChunk], sum[kChunk];
+  for (int p = 0; p < count; ++p) top[p] = by_label[p];
+  for (int l = 1; l < n_labels; ++l) {
+    const float* __restrict row = by_label + l * kChunk;
+    for (int p = 0; p < count; ++p) top[p] = top[p] < row[p] ? row[p] : top[p];
+  }
+  for (int p = 0; p < count; ++p) sum[p] = 0.0f;
+  for (int l = 0; l < n_labels; ++l) {
+    float* __restrict row = by_label + l * kChunk;
+#pragma omp simd
+    for (int p = 0; p < count; ++p) {
+      row[p] = exp_approx(row[p] - top[p]);
+      sum[p] += row[p];
+    }
+  }
+  for (int l = 0; l < n_labels; ++l) {
+    float* __restrict row = by_label + l * kChunk;
+    for (int p = 0; p < count; ++p) row[p] /= sum[p];
+  }
   for (int p = 0; p < count; ++p) {
-    const float* x = logits + static_cast<std::size_t>(p) * n_labels;
-    float sum = 0.0f;
-    for (int l = 0; l < n_labels; ++l) sum += x[l];
-    float* q = q_rows + static_cast<std::size_t>(p) * stride;
-    for (int l = 0; l < n_labels; ++l) q[l] = x[l] / sum;
-    for (int l = n_labels; l < stride; ++l) q[l] = 0.0f;
+    float* __restrict out = q + static_cast<std::size_t>(p) * stride;
+    for (int l = 0; l < n_labels; ++l) out[l] = by_label[l * kChunk + p];
+    for (int l = n_labels; l < stride; ++l) out[l] = 0.0f;
   }
 }
 
 using FloatBuffer = std::unique_ptr<float[]>;
 
-// A lattice value buffer; only the zero row is initialised (the splat writes every vertex row),
-// which also leaves the first touch of each page to the thread that writes it.
+// A lattice value buffer, uninitialised: the splat writes every vertex row, which also leaves
+// the first touch of each page to the thread that writes it.
 FloatBuffer lattice_buffer(const Permutohedral& lattice, int stride) {
-  FloatBuffer buffer(new float[lattice.buffer_size(stride)]);
-  std::fill_n(buffer.get(), stride, 0.0f);
-  return buffer;
+  return FloatBuffer(new float[lattice.buffer_size(stride)]);
 }
 
 }  // namespace
@@ -76,28 +90,30 @@ DenseCrf::DenseCrf(int n_points, int n_labels)
     : n_points_(n_points), n_labels_(n_labels), stride_(padded_channels(n_labels)) {}
 
 void DenseCrf::set_unary(const float* unary) {
-  neg_unary_.resize(static_cast<std::size_t>(n_points_) * n_labels_);
+  neg_unary_.assign(static_cast<std::size_t>(n_points_) * stride_, 0.0f);
   for (int l = 0; l < n_labels_; ++l) {
     for (int p = 0; p < n_points_; ++p) {
-      neg_unary_[static_cast<std::size_t>(p) * n_labels_ + l] = -unary[static_cast<std::size_t>(l) * n_points_ + p];
+      neg_unary_[static_cast<std::size_t>(p) * stride_ + l] = -unary[static_cast<std::size_t>(l) * n_points_ + p];
     }
   }
 }
 
 void DenseCrf::set_unary_from_probs(const float* probs, float clip_min, int num_threads) {
-  neg_unary_.resize(static_cast<std::size_t>(n_points_) * n_labels_);
-  const int n = n_points_, c = n_labels_;
+  neg_unary_.resize(static_cast<std::size_t>(n_points_) * stride_);
+  const int n = n_points_, c = n_labels_, stride = stride_;
   // Index of the first bad entry (label-major), or the end: checked in the same pass.
   long long first_bad = std::numeric_limits<long long>::max();
 #pragma omp parallel for schedule(static) reduction(min : first_bad) num_threads(resolve_threads(num_threads))
   for (int p = 0; p < n; ++p) {
+    float* row = &neg_unary_[static_cast<std::size_t>(p) * stride];
     for (int l = 0; l < c; ++l) {
       const float value = probs[static_cast<std::size_t>(l) * n + p];
       if (!(value >= 0.0f) || value == std::numeric_limits<float>::infinity()) {
         first_bad = std::min(first_bad, static_cast<long long>(l) * n + p);
       }
-      neg_unary_[static_cast<std::size_t>(p) * c + l] = std::log(std::min(std::max(value, clip_min), 1.0f));
+      row[l] = std::log(std::min(std::max(value, clip_min), 1.0f));
     }
+    for (int l = c; l < stride; ++l) row[l] = 0.0f;
   }
   if (first_bad != std::numeric_limits<long long>::max()) {
     const long long label = first_bad / n, point = first_bad % n;
@@ -109,19 +125,32 @@ void DenseCrf::set_unary_from_probs(const float* probs, float clip_min, int num_
 
 void DenseCrf::add_kernel(std::unique_ptr<PairwiseKernel> kernel) { kernels_.push_back(std::move(kernel)); }
 
+template <int kStride>
+void DenseCrf::add_messages(int point, const float* const* filtered, float* __restrict sliced,
+                            float* __restrict logits) const {
+  const int s = kStride > 0 ? kStride : stride_;
+  const bool alpha_in_weight = n_labels_ > 2;
+  for (std::size_t k = 0; k < kernels_.size(); ++k) {
+    const PairwiseKernel& kernel = *kernels_[k];
+    kernel.lattice().template slice_point<kStride>(point, filtered[k], s, alpha_in_weight, sliced);
+    if (const float* post = kernel.post_scale()) {
+      const float scale = post[point];
+      for (int l = 0; l < s; ++l) sliced[l] *= scale;
+    }
+    kernel.compat().template subtract<kStride>(sliced, s, logits);
+  }
+}
+
 void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
   const int n_kernels = static_cast<int>(kernels_.size());
-  std::vector<FloatBuffer> values, scratch;
-  for (int k = 0; k < n_kernels; ++k) {
-    values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
-    scratch.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
-  }
-  const bool alpha_in_weight = c > 2;
+  std::vector<FloatBuffer> values;
+  for (int k = 0; k < n_kernels; ++k) values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
   with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
     {
-      std::vector<float> logits(static_cast<std::size_t>(kChunk) * c), sliced(stride), message(c);
+      std::vector<float> logits(static_cast<std::size_t>(kChunk) * stride), by_label(static_cast<std::size_t>(kChunk) * c);
+      std::vector<float> sliced(stride);
       std::vector<const float*> filtered(n_kernels);
       for (int it = 0; it < n_iter; ++it) {
         // Every splat reads q before any point of q is overwritten below.
@@ -129,28 +158,20 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
           kernels_[k]->lattice().template splat<kStride>(q, stride, kernels_[k]->pre_scale(), values[k].get());
         }
         for (int k = 0; k < n_kernels; ++k) {
-          filtered[k] = kernels_[k]->lattice().template blur<kStride>(values[k].get(), scratch[k].get(), stride,
-                                                                      false);
+          kernels_[k]->lattice().template blur<kStride>(values[k].get(), stride, false);
+          filtered[k] = values[k].get();
         }
         // logits = -U - sum_k compat_k(K_k q), in pydensecrf's order, then softmax into q.
 #pragma omp for schedule(static)
         for (int start = 0; start < n; start += kChunk) {
           const int count = std::min(kChunk, n - start);
+          std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * stride,
+                      static_cast<std::size_t>(count) * stride, logits.data());
           for (int i = 0; i < count; ++i) {
-            const int p = start + i;
-            float* x = logits.data() + static_cast<std::size_t>(i) * c;
-            std::copy_n(neg_unary_.data() + static_cast<std::size_t>(p) * c, c, x);
-            for (int k = 0; k < n_kernels; ++k) {
-              const PairwiseKernel& kernel = *kernels_[k];
-              kernel.lattice().template slice_point<kStride>(p, filtered[k], stride, alpha_in_weight, sliced.data());
-              if (const float* post = kernel.post_scale()) {
-                for (int l = 0; l < c; ++l) sliced[l] *= post[p];
-              }
-              kernel.compat().apply(sliced.data(), c, message.data());
-              for (int l = 0; l < c; ++l) x[l] -= message[l];
-            }
+            add_messages<kStride>(start + i, filtered.data(), sliced.data(),
+                                  logits.data() + static_cast<std::size_t>(i) * stride);
           }
-          softmax_rows(logits.data(), count, c, q + static_cast<std::size_t>(start) * stride, stride);
+          softmax_chunk(logits.data(), count, c, stride, by_label.data(), q + static_cast<std::size_t>(start) * stride);
         }
       }
     }
@@ -162,13 +183,12 @@ void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads
   FloatBuffer padded(new float[static_cast<std::size_t>(n) * stride]);
 #pragma omp parallel num_threads(resolve_threads(num_threads))
   {
-    std::vector<float> logits(static_cast<std::size_t>(kChunk) * c);
+    std::vector<float> by_label(static_cast<std::size_t>(kChunk) * c);
 #pragma omp for schedule(static)
     for (int start = 0; start < n; start += kChunk) {
       const int count = std::min(kChunk, n - start);
-      std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * c, static_cast<std::size_t>(count) * c,
-                  logits.data());
-      softmax_rows(logits.data(), count, c, padded.get() + static_cast<std::size_t>(start) * stride, stride);
+      const std::size_t at = static_cast<std::size_t>(start) * stride;
+      softmax_chunk(neg_unary_.data() + at, count, c, stride, by_label.data(), padded.get() + at);
     }
   }
   iterate(padded.get(), n_iter, num_threads);
@@ -205,27 +225,29 @@ double DenseCrf::kl_divergence(const float* q, int num_threads) const {
     for (int l = 0; l < c; ++l) {
       const float ql = padded[static_cast<std::size_t>(p) * stride + l];
       per_point[p] += static_cast<double>(ql) * std::log(static_cast<double>(std::max(ql, 1e-20f)));
-      per_point[p] -= static_cast<double>(neg_unary_[static_cast<std::size_t>(p) * c + l]) * ql;
+      per_point[p] -= static_cast<double>(neg_unary_[static_cast<std::size_t>(p) * stride + l]) * ql;
     }
   }
   for (const auto& kernel : kernels_) {
     const Permutohedral& lattice = kernel->lattice();
-    std::vector<float> values(lattice.buffer_size(stride), 0.0f), scratch(lattice.buffer_size(stride), 0.0f);
+    std::vector<float> values(lattice.buffer_size(stride), 0.0f);
     with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
       {
         lattice.template splat<kStride>(padded.data(), stride, kernel->pre_scale(), values.data());
-        const float* filtered = lattice.template blur<kStride>(values.data(), scratch.data(), stride, false);
-        std::vector<float> sliced(stride), message(c);
+        lattice.template blur<kStride>(values.data(), stride, false);
+        const float* filtered = values.data();
+        std::vector<float> sliced(stride), minus_message(stride);
 #pragma omp for schedule(static)
         for (int p = 0; p < n; ++p) {
           lattice.template slice_point<kStride>(p, filtered, stride, c > 2, sliced.data());
           if (const float* post = kernel->post_scale()) {
             for (int l = 0; l < c; ++l) sliced[l] *= post[p];
           }
-          kernel->compat().apply(sliced.data(), c, message.data());
+          std::fill(minus_message.begin(), minus_message.end(), 0.0f);
+          kernel->compat().template subtract<kStride>(sliced.data(), stride, minus_message.data());
           for (int l = 0; l < c; ++l) {
-            per_point[p] += static_cast<double>(padded[static_cast<std::size_t>(p) * stride + l]) * message[l];
+            per_point[p] -= static_cast<double>(padded[static_cast<std::size_t>(p) * stride + l]) * minus_message[l];
           }
         }
       }

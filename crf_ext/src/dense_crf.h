@@ -61,11 +61,15 @@ class DenseCrf {
  private:
   // Mean-field iterations on q_padded (n_points x stride, zero padding), in place.
   void iterate(float* q_padded, int n_iter, int num_threads) const;
+  // logits -= sum_k compat_k(post_k * slice_k) for one point (stride lanes); filtered[k] is
+  // kernel k's blurred lattice values, `sliced` a scratch row.
+  template <int kStride>
+  void add_messages(int point, const float* const* filtered, float* sliced, float* logits) const;
 
   int n_points_;
   int n_labels_;
   int stride_;
-  std::vector<float> neg_unary_;  // n_points x n_labels: log-probabilities, i.e. -U
+  std::vector<float> neg_unary_;  // n_points x stride (zero padding): log-probabilities, i.e. -U
   std::vector<std::unique_ptr<PairwiseKernel>> kernels_;
 };
 

@@ -3,6 +3,8 @@
 
 #include <vector>
 
+#include "permutohedral.h"
+
 namespace crf {
 
 // pydensecrf applies compat to the filtered marginals m = K Q and subtracts the result from the
@@ -14,36 +16,55 @@ class LabelCompat {
 
   static LabelCompat potts(float weight) { return LabelCompat(Kind::kPotts, {weight}, 1); }
   static LabelCompat diagonal(const float* weights, int n_labels) {
-    return LabelCompat(Kind::kDiagonal, std::vector<float>(weights, weights + n_labels), n_labels);
+    std::vector<float> padded(padded_channels(n_labels), 0.0f);
+    std::copy(weights, weights + n_labels, padded.begin());
+    return LabelCompat(Kind::kDiagonal, std::move(padded), n_labels);
   }
-  // `matrix`: n_labels x n_labels, row-major; symmetrised here.
+  // `matrix`: n_labels x n_labels, row-major; symmetrised here and stored transposed, one row
+  // of padded_channels(n_labels) floats per input label, so that apply() runs across labels.
   static LabelCompat matrix(const float* matrix, int n_labels) {
-    std::vector<float> sym(static_cast<std::size_t>(n_labels) * n_labels);
-    for (int i = 0; i < n_labels; ++i) {
-      for (int j = 0; j < n_labels; ++j) {
-        sym[i * n_labels + j] = 0.5f * (matrix[i * n_labels + j] + matrix[j * n_labels + i]);
+    const int stride = padded_channels(n_labels);
+    std::vector<float> by_input(static_cast<std::size_t>(n_labels) * stride, 0.0f);
+    for (int out = 0; out < n_labels; ++out) {
+      for (int in = 0; in < n_labels; ++in) {
+        by_input[in * stride + out] = 0.5f * (matrix[out * n_labels + in] + matrix[in * n_labels + out]);
       }
     }
-    return LabelCompat(Kind::kMatrix, std::move(sym), n_labels);
+    return LabelCompat(Kind::kMatrix, std::move(by_input), n_labels);
   }
 
   Kind kind() const { return kind_; }
   int n_labels() const { return n_labels_; }
 
-  // out[l] = compat(filtered)[l] for the n_labels values of one point.
-  void apply(const float* filtered, int n_labels, float* out) const {
+  // logits[l] -= compat(filtered)[l] for the `stride` lanes of one point (padding lanes of
+  // `filtered` are zero and stay so). Each output lane sums its inputs in label order, as
+  // pydensecrf does; the loops run across lanes so that they vectorise.
+  template <int kStride>
+  void subtract(const float* __restrict filtered, int stride, float* __restrict logits) const {
+    const int s = kStride > 0 ? kStride : stride;
     switch (kind_) {
-      case Kind::kPotts:
-        for (int l = 0; l < n_labels; ++l) out[l] = -weights_[0] * filtered[l];
+      case Kind::kPotts: {
+        const float minus_w = -weights_[0];
+        for (int l = 0; l < s; ++l) logits[l] -= minus_w * filtered[l];
         break;
+      }
       case Kind::kDiagonal:
-        for (int l = 0; l < n_labels; ++l) out[l] = weights_[l] * filtered[l];
+        for (int l = 0; l < s; ++l) logits[l] -= weights_[l] * filtered[l];
         break;
       case Kind::kMatrix:
-        for (int l = 0; l < n_labels; ++l) {
-          float acc = 0.0f;
-          for (int k = 0; k < n_labels; ++k) acc += weights_[l * n_labels + k] * filtered[k];
-          out[l] = acc;
+        if constexpr (kStride > 0) {
+          float sum[kStride] = {};
+          for (int in = 0; in < n_labels_; ++in) {
+            const float* __restrict column = &weights_[static_cast<std::size_t>(in) * kStride];
+            for (int l = 0; l < kStride; ++l) sum[l] += column[l] * filtered[in];
+          }
+          for (int l = 0; l < kStride; ++l) logits[l] -= sum[l];
+        } else {
+          for (int l = 0; l < s; ++l) {
+            float sum = 0.0f;
+            for (int in = 0; in < n_labels_; ++in) sum += weights_[static_cast<std::size_t>(in) * s + l] * filtered[in];
+            logits[l] -= sum;
+          }
         }
         break;
     }

@@ -1,7 +1,9 @@
 #include "permutohedral.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 
 #include "hash_table.h"
@@ -12,10 +14,21 @@ namespace crf {
 namespace {
 
 // The simplex of one point: remainder-0 corner, rank of each coordinate, barycentric weights.
+// kDim > 0 fixes the dimension at compile time (registers, unrolled loops); 0: any dimension.
+template <int kDim>
 struct SimplexScratch {
-  std::vector<float> elevated, rem0, barycentric;
-  std::vector<int> rank;
-  explicit SimplexScratch(int d) : elevated(d + 1), rem0(d + 1), barycentric(d + 2), rank(d + 1) {}
+  template <typename T>
+  using Buffer = std::conditional_t<(kDim > 0), std::array<T, kDim + 2>, std::vector<T>>;
+  Buffer<float> elevated{}, rem0{}, barycentric{};
+  Buffer<int> rank{};
+  explicit SimplexScratch(int d) {
+    if constexpr (kDim == 0) {
+      elevated.resize(d + 2);
+      rem0.resize(d + 2);
+      barycentric.resize(d + 2);
+      rank.resize(d + 2);
+    }
+  }
 };
 
 // Round to nearest, ties to even, as _mm_cvtps_epi32 does in pydensecrf. The 1.5 * 2^23 trick
@@ -27,7 +40,9 @@ inline float round_half_even(float x) {
 
 // Locates `f` (d floats) in the lattice. Float operations follow pydensecrf's SSE build step by
 // step (same products, same order, round-half-even), so the vertices are the same.
-void locate(const float* f, int d, const float* scale, SimplexScratch& s) {
+template <int kDim>
+void locate(const float* f, int dim, const float* scale, SimplexScratch<kDim>& s) {
+  const int d = kDim > 0 ? kDim : dim;
   const int d1 = d + 1;
   const float inv_d1 = 1.0f / static_cast<float>(d1);
   const float d1f = static_cast<float>(d1);
@@ -46,32 +61,26 @@ void locate(const float* f, int d, const float* scale, SimplexScratch& s) {
     s.rem0[i] = v * d1f;
     sum += v;
   }
-  // Rank the residuals.
-  std::fill(s.rank.begin(), s.rank.end(), 0);
+  // Rank the residuals. Branch-free: the comparisons are data-dependent and mispredict.
+  std::fill(s.rank.begin(), s.rank.begin() + d1, 0);
   for (int i = 0; i < d; ++i) {
     const float di = s.elevated[i] - s.rem0[i];
     for (int j = i + 1; j <= d; ++j) {
-      if (di < s.elevated[j] - s.rem0[j]) {
-        ++s.rank[i];
-      } else {
-        ++s.rank[j];
-      }
+      const int i_lower = di < s.elevated[j] - s.rem0[j];
+      s.rank[i] += i_lower;
+      s.rank[j] += 1 - i_lower;
     }
   }
   // Bring the point back onto the plane when the rounding left it off (sum != 0).
   const int shift = static_cast<int>(sum);
   for (int i = 0; i <= d; ++i) {
-    s.rank[i] += shift;
-    if (s.rank[i] < 0) {
-      s.rank[i] += d1;
-      s.rem0[i] += d1f;
-    } else if (s.rank[i] >= d1) {
-      s.rank[i] -= d1;
-      s.rem0[i] -= d1f;
-    }
+    const int r = s.rank[i] + shift;
+    const int wrap = (r < 0) - (r >= d1);  // +1, 0 or -1 turns of d+1
+    s.rank[i] = r + wrap * d1;
+    s.rem0[i] += static_cast<float>(wrap) * d1f;
   }
   // Barycentric coordinates.
-  std::fill(s.barycentric.begin(), s.barycentric.end(), 0.0f);
+  std::fill(s.barycentric.begin(), s.barycentric.begin() + d + 2, 0.0f);
   for (int i = 0; i <= d; ++i) {
     const float v = (s.elevated[i] - s.rem0[i]) * inv_d1;
     s.barycentric[d - s.rank[i]] += v;
@@ -86,6 +95,21 @@ void simplex_vertex_keys(const int32_t* __restrict rem0, const int8_t* __restric
                          int32_t* __restrict keys) {
   for (int r = 0; r <= d; ++r) {
     for (int i = 0; i < d; ++i) keys[r * d + i] = rem0[i] + (rank[i] <= d - r ? r : r - (d + 1));
+  }
+}
+
+// Calls fn(std::integral_constant<int, D>) with D = dim for the feature dimensions that get their
+// own unrolled code (DenseCRF2D's 2 and 5 among them), D = 0 otherwise.
+template <typename Fn>
+void with_dim(int dim, Fn&& fn) {
+  switch (dim) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
   }
 }
 
@@ -112,23 +136,25 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   std::vector<int8_t> rank(static_cast<std::size_t>(n_padded) * d1);
   point_weights_.resize(static_cast<std::size_t>(n_points) * d1);
 
+  with_dim(d, [&](auto kDim) {
 #pragma omp parallel num_threads(threads)
-  {
-    SimplexScratch s(d);
-    std::vector<float> zero(d, 0.0f);
+    {
+      SimplexScratch<kDim> s(d);
+      std::vector<float> zero(d, 0.0f);
 #pragma omp for schedule(static)
-    for (int p = 0; p < n_padded; ++p) {
-      const float* f = p < n_points ? features + static_cast<std::size_t>(p) * d : zero.data();
-      locate(f, d, scale.data(), s);
-      for (int i = 0; i <= d; ++i) {
-        rem0[static_cast<std::size_t>(p) * d1 + i] = static_cast<int32_t>(s.rem0[i]);
-        rank[static_cast<std::size_t>(p) * d1 + i] = static_cast<int8_t>(s.rank[i]);
-        if (p < n_points) {
-          point_weights_[static_cast<std::size_t>(p) * d1 + i] = s.barycentric[i];
+      for (int p = 0; p < n_padded; ++p) {
+        const float* f = p < n_points ? features + static_cast<std::size_t>(p) * d : zero.data();
+        locate<kDim>(f, d, scale.data(), s);
+        for (int i = 0; i <= d; ++i) {
+          rem0[static_cast<std::size_t>(p) * d1 + i] = static_cast<int32_t>(s.rem0[i]);
+          rank[static_cast<std::size_t>(p) * d1 + i] = static_cast<int8_t>(s.rank[i]);
+          if (p < n_points) {
+            point_weights_[static_cast<std::size_t>(p) * d1 + i] = s.barycentric[i];
+          }
         }
       }
     }
-  }
+  });
 
   // Neighbouring points often lie in the same simplex, and then share all d+1 vertices.
   std::vector<uint8_t> same_as_previous(n_padded, 0);
@@ -143,7 +169,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // table outgrows the caches and the loop is bound by memory latency: keys are hashed kAhead
   // points early and their slots prefetched.
   LatticeHashTable table(d, static_cast<std::size_t>(n_padded));
-  point_rows_.resize(static_cast<std::size_t>(n_points) * d1);
+  point_vertices_.resize(static_cast<std::size_t>(n_points) * d1);
   constexpr int kAhead = 4;
   const std::size_t ring_stride = static_cast<std::size_t>(d1) * d;
   std::vector<int32_t> ring_keys((kAhead + 1) * ring_stride);
@@ -159,53 +185,108 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
     }
   };
   for (int p = 0; p < std::min(kAhead, n_padded); ++p) stage(p);
-  std::vector<int32_t> rows(d1);
+  std::vector<int32_t> vertices(d1);
   for (int p = 0; p < n_padded; ++p) {
     if (p + kAhead < n_padded) stage(p + kAhead);
     if (!same_as_previous[p]) {
       const int slot = p % (kAhead + 1);
       for (int r = 0; r <= d; ++r) {
-        rows[r] = table.insert(&ring_keys[slot * ring_stride + r * d], ring_hashes[slot * d1 + r]) + 1;
+        vertices[r] = table.insert(&ring_keys[slot * ring_stride + r * d], ring_hashes[slot * d1 + r]);
       }
     }
-    if (p < n_points) std::copy(rows.begin(), rows.end(), &point_rows_[static_cast<std::size_t>(p) * d1]);
+    if (p < n_points) std::copy(vertices.begin(), vertices.end(), &point_vertices_[static_cast<std::size_t>(p) * d1]);
   }
   n_vertices_ = table.size();
   const int m = n_vertices_;
 
   // Blur neighbours along axis j: n1 = key - 1 with key[j] + d and n2 = key + 1 with key[j] - d
-  // (for j = d only the implied coordinate moves by d). Since n2(n1(v)) = v, looking up n1
-  // gives both links. Each n2 entry has exactly one writer, so the loop is race-free.
-  neighbour_rows_.assign(static_cast<std::size_t>(d1) * m * 2, 0);
+  // (for j = d only the implied coordinate moves by d); next[j][u] = v when v = n2(u).
+  std::vector<int32_t> next(static_cast<std::size_t>(d1) * m, -1);
+  std::vector<uint8_t> has_previous(static_cast<std::size_t>(d1) * m, 0);
+  // The links inside each point's simplex come for free: vertex r + 1 is n2 of vertex r along
+  // the axis of the coordinate ranked d - r (and vertex 0 is n2 of vertex d along the axis of
+  // the coordinate ranked 0). Each thread writes the links of its own axes.
 #pragma omp parallel num_threads(threads)
   {
-    constexpr int kBatch = 8;
-    std::vector<int32_t> keys(static_cast<std::size_t>(kBatch) * d1 * d);
-    std::vector<uint32_t> batch_hashes(static_cast<std::size_t>(kBatch) * d1);
+    const int t = thread_index(), n_threads = thread_count();
+    std::vector<int> axis_of_rank(d1);
+    for (int p = 0; p < n_points; ++p) {
+      if (same_as_previous[p]) continue;
+      for (int i = 0; i <= d; ++i) axis_of_rank[rank[static_cast<std::size_t>(p) * d1 + i]] = i;
+      const int32_t* simplex = &point_vertices_[static_cast<std::size_t>(p) * d1];
+      for (int r = 0; r <= d; ++r) {
+        const int axis = axis_of_rank[d - r];
+        if (axis % n_threads != t) continue;
+        const int32_t v = simplex[r == d ? 0 : r + 1];
+        next[static_cast<std::size_t>(axis) * m + simplex[r]] = v;
+        has_previous[static_cast<std::size_t>(axis) * m + v] = 1;
+      }
+    }
+  }
+  // The other links by hash look-ups of n1, which has one answer: each entry has one writer.
+#pragma omp parallel num_threads(threads)
+  {
+    constexpr int kBatch = 48;  // look-ups in flight
+    std::vector<int32_t> keys(static_cast<std::size_t>(kBatch) * d), batch_vertex(kBatch), batch_axis(kBatch);
+    std::vector<uint32_t> batch_hashes(kBatch);
+    int pending = 0;
+    auto resolve = [&] {
+      for (int b = 0; b < pending; ++b) {
+        const int u = table.find(&keys[static_cast<std::size_t>(b) * d], batch_hashes[b]);
+        if (u < 0) continue;
+        has_previous[static_cast<std::size_t>(batch_axis[b]) * m + batch_vertex[b]] = 1;
+        next[static_cast<std::size_t>(batch_axis[b]) * m + u] = batch_vertex[b];
+      }
+      pending = 0;
+    };
 #pragma omp for schedule(static)
-    for (int first = 0; first < m; first += kBatch) {
-      const int count = std::min(kBatch, m - first);
-      for (int b = 0; b < count; ++b) {
-        const int32_t* k = table.key(first + b);
-        for (int j = 0; j <= d; ++j) {
-          const int at = b * d1 + j;
-          int32_t* n1 = &keys[static_cast<std::size_t>(at) * d];
-          for (int i = 0; i < d; ++i) n1[i] = k[i] - 1;
-          if (j < d) n1[j] = k[j] + d;
-          batch_hashes[at] = LatticeHashTable::hash(n1, d);
-          table.prefetch(batch_hashes[at]);
-        }
+    for (int v = 0; v < m; ++v) {
+      const int32_t* k = table.key(v);
+      for (int j = 0; j <= d; ++j) {
+        if (has_previous[static_cast<std::size_t>(j) * m + v]) continue;
+        int32_t* n1 = &keys[static_cast<std::size_t>(pending) * d];
+        for (int i = 0; i < d; ++i) n1[i] = k[i] - 1;
+        if (j < d) n1[j] = k[j] + d;
+        batch_hashes[pending] = LatticeHashTable::hash(n1, d);
+        table.prefetch(batch_hashes[pending]);
+        batch_vertex[pending] = v;
+        batch_axis[pending] = j;
+        if (++pending == kBatch) resolve();
       }
-      for (int b = 0; b < count; ++b) {
-        const int v = first + b;
-        for (int j = 0; j <= d; ++j) {
-          const int at = b * d1 + j;
-          const int u = table.find(&keys[static_cast<std::size_t>(at) * d], batch_hashes[at]);
-          if (u < 0) continue;
-          neighbour_rows_[(static_cast<std::size_t>(j) * m + v) * 2] = u + 1;
-          neighbour_rows_[(static_cast<std::size_t>(j) * m + u) * 2 + 1] = v + 1;
-        }
-      }
+    }
+    resolve();
+  }
+  // Chains, axis by axis, in the order of their first vertex; the axes in parallel.
+  std::vector<int32_t> axis_elements(d1 + 1, 0), axis_chains(d1 + 1, 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int j = 0; j <= d; ++j) {
+    const int32_t* axis_next = &next[static_cast<std::size_t>(j) * m];
+    const uint8_t* axis_has_previous = &has_previous[static_cast<std::size_t>(j) * m];
+    int32_t elements = 0, chains = 0;
+    for (int v = 0; v < m; ++v) {
+      elements += axis_has_previous[v] | (axis_next[v] >= 0);
+      chains += !axis_has_previous[v] & (axis_next[v] >= 0);
+    }
+    axis_elements[j + 1] = elements;
+    axis_chains[j + 1] = chains;
+  }
+  for (int j = 0; j <= d; ++j) {
+    axis_elements[j + 1] += axis_elements[j];
+    axis_chains[j + 1] += axis_chains[j];
+  }
+  chain_vertices_.resize(axis_elements[d1]);
+  chain_start_.resize(axis_chains[d1] + 1);
+  chain_start_[axis_chains[d1]] = axis_elements[d1];
+  axis_chain_.assign(axis_chains.begin(), axis_chains.end());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int j = 0; j <= d; ++j) {
+    const int32_t* axis_next = &next[static_cast<std::size_t>(j) * m];
+    const uint8_t* axis_has_previous = &has_previous[static_cast<std::size_t>(j) * m];
+    int32_t element = axis_elements[j], chain = axis_chains[j];
+    for (int v = 0; v < m; ++v) {
+      if (axis_has_previous[v] || axis_next[v] < 0) continue;
+      chain_start_[chain++] = element;
+      for (int u = v; u >= 0; u = axis_next[u]) chain_vertices_[element++] = u;
     }
   }
 
@@ -213,8 +294,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // order. Each thread counts and fills its own contiguous range of points; offsets of earlier
   // ranges come first, so the result is the same for any thread count.
   vertex_start_.assign(static_cast<std::size_t>(m) + 1, 0);
-  vertex_points_.resize(point_rows_.size());
-  vertex_weights_.resize(point_rows_.size());
+  vertex_points_.resize(point_vertices_.size());
+  vertex_weights_.resize(point_vertices_.size());
   std::vector<std::vector<int32_t>> offsets(threads);
 #pragma omp parallel num_threads(threads)
   {
@@ -224,7 +305,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
     std::vector<int32_t>& mine = offsets[t];
     mine.assign(m, 0);
     for (std::size_t at = static_cast<std::size_t>(begin) * d1; at < static_cast<std::size_t>(end) * d1; ++at) {
-      ++mine[point_rows_[at] - 1];
+      ++mine[point_vertices_[at]];
     }
 #pragma omp barrier
 #pragma omp single
@@ -243,7 +324,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
     for (int p = begin; p < end; ++p) {
       for (int j = 0; j <= d; ++j) {
         const std::size_t at = static_cast<std::size_t>(p) * d1 + j;
-        const int32_t slot = mine[point_rows_[at] - 1]++;
+        const int32_t slot = mine[point_vertices_[at]]++;
         vertex_points_[slot] = p;
         vertex_weights_[slot] = point_weights_[at];
       }
@@ -259,17 +340,17 @@ void Permutohedral::filter(const float* in, int channels, float* out, int num_th
     std::copy(in + static_cast<std::size_t>(p) * channels, in + static_cast<std::size_t>(p + 1) * channels,
               padded.begin() + static_cast<std::size_t>(p) * stride);
   }
-  std::vector<float> values(buffer_size(stride), 0.0f), scratch(buffer_size(stride), 0.0f);
+  std::vector<float> values(buffer_size(stride), 0.0f);
   const bool alpha_in_weight = channels > 2;
   with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
     {
       splat<kStride>(padded.data(), stride, nullptr, values.data());
-      const float* result = blur<kStride>(values.data(), scratch.data(), stride, reverse);
+      blur<kStride>(values.data(), stride, reverse);
       std::vector<float> sliced(stride);
 #pragma omp for schedule(static)
       for (int p = 0; p < n_points_; ++p) {
-        slice_point<kStride>(p, result, stride, alpha_in_weight, sliced.data());
+        slice_point<kStride>(p, values.data(), stride, alpha_in_weight, sliced.data());
         std::copy(sliced.begin(), sliced.begin() + channels, out + static_cast<std::size_t>(p) * channels);
       }
     }
