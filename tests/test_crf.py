@@ -89,6 +89,19 @@ def test_matches_pydensecrf_on_real_photos(shared_data, name, n_labels, unary):
     assert agreement >= 0.9999, agreement
 
 
+# Each label count takes another value layout: 1 and 2 labels pydensecrf's other slicing path,
+# 5 one 8-channel block, 10 three 4-channel blocks, 30 a stride known only at run time.
+@pytest.mark.parametrize("n_labels", [1, 2, 5, 10, 30])
+def test_matches_pydensecrf_for_every_value_layout(shared_data, n_labels):
+    image = np.ascontiguousarray(load_photo(shared_data, PHOTOS[0])[:150, :200])
+    probs = smooth_probs(n_labels, 150, 200, np.random.default_rng(n_labels))
+    expected = pydensecrf_q(image, probs)
+    q = crf_ext.dense_crf(image, probs, **BANA)
+    assert np.abs(q - expected).max() <= 1e-4
+    assert (q.argmax(0) == expected.argmax(0)).mean() >= 0.9999
+    np.testing.assert_array_equal(q, crf_ext.dense_crf(image, probs, num_threads=2, **BANA))
+
+
 @pytest.mark.parametrize("name", PHOTOS)
 @pytest.mark.parametrize("crop", [None, (211, 333)])  # 333 * 211 points is not a multiple of 4
 def test_lattice_vertices_match_pydensecrf(shared_data, name, crop):

@@ -168,7 +168,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // Insert the d+1 vertices of every point in point order, so ids are in first-touch order. The
   // table outgrows the caches and the loop is bound by memory latency: keys are hashed kAhead
   // points early and their slots prefetched.
-  LatticeHashTable table(d, static_cast<std::size_t>(n_padded));
+  // Sized for M = 2 N vertices without a rehash (BANA's bilateral lattices have 0.6-2 N).
+  LatticeHashTable table(d, static_cast<std::size_t>(n_padded) * 2);
   point_vertices_.resize(static_cast<std::size_t>(n_points) * d1);
   constexpr int kAhead = 4;
   const std::size_t ring_stride = static_cast<std::size_t>(d1) * d;
