@@ -24,16 +24,22 @@ Boxes: the data sources give inclusive pixel boxes; `pseudo_labels` wants half-o
 (`mask[y0:y1, x0:x1]`), so they are converted once here (`baselines.half_open_boxes`). The
 baselines take the inclusive boxes themselves.
 
-Shapes and compilation: the backbone is compiled per exact image size, NOT for a padded bucket.
-Zero-padding the normalised image changes the features inside the valid region (the padded
-region's activations are not zero after the first conv + ReLU, and the receptive field of fc7 spans
-most of the image), so padded features would not be the official ones (checked on the tiny and
-VGG16 labelers: differences of the order of the features themselves). Everything after the
+Shapes and compilation: by default the backbone is compiled per exact image size, NOT for a
+padded bucket. Zero-padding the normalised image changes the features inside the valid region (the
+padded region's activations are not zero after the first conv + ReLU, and the receptive field of
+fc7 spans most of the image), so padded features are not the official ones (checked on the tiny
+and VGG16 labelers: differences of the order of the features themselves). Everything after the
 backbone is bucketed: the features are zero-padded to multiples of `FEATURE_STEP`, the image
 geometry to multiples of `image_step` pixels, boxes and classes to powers of two, which
 `pseudo_labels` proves does not change the result. Datasets have few distinct sizes in practice
 (COCO mostly 640 x 480 / 480 x 640), and a persistent compilation cache (`train.compilation_cache`)
 keeps the per-size backbone compilations across runs.
+
+`pseudo.image_bucket = B > 0` trades that exactness for compilations: each image is padded with the
+mean pixel (0 after Caffe normalisation) at the bottom and right to multiples of B pixels, the
+backbone runs on the padded image (one compilation per bucket) and its features are cut back to the
+image's own feature grid. The labels then differ from the exact ones near the padded borders
+(`bench/stage2.py --image-bucket B` measures by how much); use it for datasets of many sizes.
 """
 
 from __future__ import annotations
@@ -89,29 +95,40 @@ def _labeler_features(graphdef, state, images):
     return nnx.merge(graphdef, state)(images)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _padded_features(graphdef, state, images, bucket):
-    """`(1, H, W, 3)` -> float32 `(hb, wb, D)`: the features, zero-padded to the bucket."""
-    features = _labeler_features(graphdef, state, images)[0].astype(jnp.float32)
-    return jnp.pad(features, ((0, bucket[0] - features.shape[0]), (0, bucket[1] - features.shape[1]), (0, 0)))
+@functools.partial(jax.jit, static_argnums=0)
+def _backbone_features(graphdef, state, images):
+    """`(1, H, W, 3)` -> float32 `(h, w, D)`; compiled once per input size."""
+    return _labeler_features(graphdef, state, images)[0].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _crop_to_bucket(features, valid_hw, bucket):
+    """The first `valid_hw` rows and columns of `features`, zero-padded to `bucket`."""
+    features = features[:valid_hw[0], :valid_hw[1]]
+    return jnp.pad(features, ((0, bucket[0] - valid_hw[0]), (0, bucket[1] - valid_hw[1]), (0, 0)))
 
 
 class FeatureExtractor:
-    """Eval-mode labeler features of one image, compiled once per exact image size.
+    """Eval-mode labeler features of one image, compiled once per exact image size (or per image
+    bucket, when `image_bucket` > 0: see the module docstring).
 
     `extractor(image uint8 (H, W, 3))` -> (float32 features `(hb, wb, D)` on the device, zero-padded
     to the feature bucket, the true feature size `(h, w)`). The labeler is put in eval mode.
     """
 
-    def __init__(self, labeler, feature_step: int = FEATURE_STEP):
+    def __init__(self, labeler, feature_step: int = FEATURE_STEP, image_bucket: int = 0):
         from flax import nnx
 
+        if image_bucket < 0:
+            raise ValueError(f"pseudo.image_bucket must be >= 0 (0: exact sizes), got {image_bucket}")
         labeler.eval()
         self.classifier_weight = np.asarray(labeler.classifier.weight, np.float32)  # (D, C)
         self._graphdef, self._state = nnx.split(labeler)
         self.feature_step = feature_step
+        self.image_bucket = image_bucket
         self._feature_sizes = {}
-        self.image_sizes = set()  # distinct sizes seen (one backbone compilation each)
+        self.image_sizes = set()  # distinct sizes seen
+        self.backbone_sizes = set()  # distinct backbone input sizes (one compilation each)
 
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
         if (height, width) not in self._feature_sizes:
@@ -125,8 +142,13 @@ class FeatureExtractor:
         h, w = self.feature_size(height, width)
         bucket = (_round_up(h, self.feature_step), _round_up(w, self.feature_step))
         self.image_sizes.add((height, width))
-        normalised = jnp.asarray(caffe_normalize(image)[None])
-        return _padded_features(self._graphdef, self._state, normalised, bucket), (h, w)
+        normalised = caffe_normalize(image)
+        if self.image_bucket:
+            padded = (_round_up(height, self.image_bucket), _round_up(width, self.image_bucket))
+            normalised = np.pad(normalised, ((0, padded[0] - height), (0, padded[1] - width), (0, 0)))
+        self.backbone_sizes.add(normalised.shape[:2])
+        features = _backbone_features(self._graphdef, self._state, jnp.asarray(normalised[None]))
+        return _crop_to_bucket(features, (h, w), bucket), (h, w)
 
 
 @functools.lru_cache(maxsize=256)
@@ -197,7 +219,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
       source: random-access raw samples (`image`, `boxes` inclusive pixels, `box_labels`, `id`,
         optional `label`).
       config: uses `pseudo.use_u0`, `pseudo.grid_size` (1), `pseudo.bg_threshold` (0.99),
-        `pseudo.save_visualisations`, `crf.*`, `model.num_classes` (unless num_classes is given).
+        `pseudo.save_visualisations`, `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`, `model.num_classes` (unless num_classes is given).
       out_dir: where `Y_crf/`, `Y_ret/`, `baselines/grabcut/`, `visualisations/`, `summary.json` go.
       baselines: which of "box_fill", "grabcut" to score when ground truth exists (GrabCut costs
         about a second per box on a CPU; its labels are kept under `baselines/grabcut/`).
@@ -246,7 +268,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     crf_params = dict(bi_w=crf_cfg.bi_w, bi_xy_std=crf_cfg.bi_xy_std, bi_rgb_std=crf_cfg.bi_rgb_std,
                       pos_w=crf_cfg.pos_w, pos_xy_std=crf_cfg.pos_xy_std, n_iter=crf_cfg.iterations)
     workers = workers or os.cpu_count() or 1
-    extractor = FeatureExtractor(labeler)
+    extractor = FeatureExtractor(labeler, image_bucket=int(pseudo.get("image_bucket", 0)))
     weight = extractor.classifier_weight if classifier_weight is None else _check_weight(
         classifier_weight, extractor.classifier_weight.shape[0])
     visualise = bool(pseudo.save_visualisations) and num_visualisations > 0
@@ -384,7 +406,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
         "timing_scope": f"host {process_index} of {process_count}, {computed} computed images, "
                         f"{workers} CPU workers, device {jax.devices()[0].platform}",
         "backbone_image_sizes": len(extractor.image_sizes),
-        "settings": {"use_u0": bool(pseudo.use_u0), "crf": crf_params, "unseen_classes": list(unseen_classes),
+        "backbone_compilations": len(extractor.backbone_sizes),
+        "settings": {"use_u0": bool(pseudo.use_u0), "image_bucket": extractor.image_bucket, "crf": crf_params, "unseen_classes": list(unseen_classes),
                      "baselines": list(baselines)},
     }
     if counts[3]:

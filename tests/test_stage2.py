@@ -626,3 +626,48 @@ def test_main_exports_voc20_instances(voc20_run):
     assert not [r for r in voc20_run["log"] if "unseen" in r.getMessage()]
     assert voc20_run["summary"]["images"] == 2  # the giraffe image has no VOC box
     check_instances(voc20_run, {voc: coco for coco, voc in COCO_TO_VOC.items()})
+
+
+def test_image_bucket_compiles_the_backbone_once_per_bucket():
+    """pseudo.image_bucket: three image sizes in one 64-px bucket run one backbone compilation, and
+    the features are those of the mean-padded image cut to the image's own feature grid; with 0 they
+    are the exact image's."""
+    labeler = make_labeler()
+    labeler.eval()
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, shape + (3,)).astype(np.uint8) for shape in ((48, 48), (50, 40), (61, 33))]
+    bucketed = stage2.FeatureExtractor(labeler, image_bucket=64)
+    before = stage2._backbone_features._cache_size()
+    for image in images:
+        features, (h, w) = bucketed(image)
+        padded = np.zeros((64, 64, 3), np.float32)
+        padded[:image.shape[0], :image.shape[1]] = caffe_normalize(image)
+        expected = np.asarray(labeler(jnp.asarray(padded[None])))[0][:h, :w]
+        assert (h, w) == bucketed.feature_size(*image.shape[:2])
+        np.testing.assert_allclose(np.asarray(features)[:h, :w], expected, rtol=1e-4, atol=1e-4)
+        assert not np.asarray(features)[h:].any() and not np.asarray(features)[:, w:].any()
+    assert stage2._backbone_features._cache_size() - before == 1
+    assert bucketed.backbone_sizes == {(64, 64)} and len(bucketed.image_sizes) == 3
+
+    exact = stage2.FeatureExtractor(labeler)
+    features, (h, w) = exact(images[1])
+    expected = np.asarray(labeler(jnp.asarray(caffe_normalize(images[1])[None])))[0]
+    assert expected.shape[:2] == (h, w)
+    np.testing.assert_allclose(np.asarray(features)[:h, :w], expected, rtol=1e-4, atol=1e-4)
+    assert exact.backbone_sizes == {images[1].shape[:2]}
+    with pytest.raises(ValueError, match="image_bucket"):
+        stage2.FeatureExtractor(labeler, image_bucket=-8)
+
+
+def test_runner_reports_bucketed_compilations(tmp_path):
+    samples, names = synthetic_samples()
+    cropped = dict(samples[1], image=samples[1]["image"][:40, :44], label=samples[1]["label"][:40, :44],
+                   boxes=np.minimum(samples[1]["boxes"], [43, 39, 43, 39]).astype(np.float32), id="cropped")
+    config = make_config()
+    config.pseudo.image_bucket = 64
+    summary = stage2.generate_pseudo_labels(make_labeler(), ListSource([samples[0], cropped], names), config,
+                                            tmp_path / "out", workers=1, progress=False, report=False,
+                                            baselines=())
+    assert summary["backbone_image_sizes"] == 2 and summary["backbone_compilations"] == 1
+    assert summary["settings"]["image_bucket"] == 64
+    assert read(tmp_path / "out", "Y_crf", "cropped").shape == (40, 44)

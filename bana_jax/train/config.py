@@ -68,6 +68,9 @@ pseudo.*  (stage 2: pseudo-label generation)
   pooling         'bap' | 'gap' (which stage-1 model the labels come from; informational)
   output_dir      '' -> WORKDIR/pseudo_labels
   save_visualisations  colour overlays + index.html
+  image_bucket    0: the backbone compiles per exact image size (official features); B > 0: images
+                  padded to multiples of B pixels, one compilation per bucket (features change
+                  near the padding; see bana_jax/stage2.py)
 
 crf.*  (DenseCRF; stage 2 and evaluation)
   iterations, bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std
@@ -125,7 +128,7 @@ def base_config() -> ConfigDict:
         name="nal", tau=20.0, gamma=7.0, weight=0.1, detach_sigma=False))
     c.pseudo = ConfigDict(dict(
         stage1_workdir="", split="train_aug", grid_size=1, bg_threshold=0.99, use_u0=True,
-        pooling="bap", output_dir="", save_visualisations=True))
+        pooling="bap", output_dir="", save_visualisations=True, image_bucket=0))
     c.crf = ConfigDict(dict(
         iterations=10, bi_w=4.0, bi_xy_std=55.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=3.0))
     c.eval = ConfigDict(dict(
@@ -229,7 +232,7 @@ def validate_config(config: ConfigDict) -> ConfigDict:
                  "loss.grid_size", "pseudo.grid_size", "crf.iterations", "model.fc6_dilation"):
         check(given[name] >= 1, name, "an integer >= 1")
     for name in ("data.max_images", "data.num_workers", "train.checkpoint_every", "eval.size_bucket",
-                 "data.synthetic_images", "data.synthetic_size"):
+                 "pseudo.image_bucket", "data.synthetic_images", "data.synthetic_size"):
         check(given[name] >= 0, name, "an integer >= 0")
     check(given["optim.lr"] > 0, "optim.lr", "> 0")
     check(0 <= given["optim.momentum"] < 1, "optim.momentum", "in [0, 1)")

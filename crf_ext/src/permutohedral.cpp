@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <utility>
 
@@ -169,7 +170,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // table outgrows the caches and the loop is bound by memory latency: keys are hashed kAhead
   // points early and their slots prefetched.
   // Sized for M = 2 N vertices without a rehash (BANA's bilateral lattices have 0.6-2 N).
-  LatticeHashTable table(d, static_cast<std::size_t>(n_padded) * 2);
+  auto owned_table = std::make_unique<LatticeHashTable>(d, static_cast<std::size_t>(n_padded) * 2);
+  LatticeHashTable& table = *owned_table;
   point_vertices_.resize(static_cast<std::size_t>(n_points) * d1);
   constexpr int kAhead = 4;
   const std::size_t ring_stride = static_cast<std::size_t>(d1) * d;
@@ -198,6 +200,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
     if (p < n_points) std::copy(vertices.begin(), vertices.end(), &point_vertices_[static_cast<std::size_t>(p) * d1]);
   }
   n_vertices_ = table.size();
+  std::vector<int32_t>().swap(rem0);  // each buffer is freed once dead, for the peak memory
   const int m = n_vertices_;
 
   // Blur neighbours along axis j: n1 = key - 1 with key[j] + d and n2 = key + 1 with key[j] - d
@@ -224,6 +227,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
     }
   }
+  std::vector<int8_t>().swap(rank);
   // The other links by hash look-ups of n1, which has one answer: each entry has one writer.
 #pragma omp parallel num_threads(threads)
   {
@@ -257,6 +261,9 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
     }
     resolve();
   }
+  if (keep_keys) keys_ = table.keys();
+  owned_table.reset();
+
   // Chains, axis by axis, in the order of their first vertex; the axes in parallel.
   std::vector<int32_t> axis_elements(d1 + 1, 0), axis_chains(d1 + 1, 0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -290,6 +297,9 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       for (int u = v; u >= 0; u = axis_next[u]) chain_vertices_[element++] = u;
     }
   }
+
+  std::vector<int32_t>().swap(next);
+  std::vector<uint8_t>().swap(has_previous);
 
   // Vertex -> points (CSR), points in increasing order so that the gather sums in pydensecrf's
   // order. Each thread counts and fills its own contiguous range of points; offsets of earlier
@@ -331,7 +341,6 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
     }
   }
-  if (keep_keys) keys_ = table.keys();
 }
 
 void Permutohedral::filter(const float* in, int channels, float* out, int num_threads, bool reverse) const {
