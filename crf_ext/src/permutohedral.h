@@ -105,25 +105,47 @@ void Permutohedral::splat(const float* in, int stride, const float* point_scale,
   const int s = kStride > 0 ? kStride : stride;
   const int width = block_width(s);
   const std::size_t block_size = static_cast<std::size_t>(n_vertices_) * width;
-  std::vector<float> acc(s);
+  if constexpr (kStride > 0) {  // the sums in vector registers
+    constexpr int kWidth = block_width(kStride), kRows = kStride / kWidth;
+    using Row = Floats<kWidth>;
 #pragma omp for schedule(static)
-  for (int v = 0; v < n_vertices_; ++v) {
-    float* __restrict sum = acc.data();
-    for (int c = 0; c < s; ++c) sum[c] = 0.0f;
-    for (int e = vertex_start_[v]; e < vertex_start_[v + 1]; ++e) {
-      const int p = vertex_points_[e];
-      const float w = vertex_weights_[e];
-      const float* __restrict x = in + static_cast<std::size_t>(p) * s;
-      if (point_scale != nullptr) {
-        const float scale = point_scale[p];
-        for (int c = 0; c < s; ++c) sum[c] += w * (x[c] * scale);
-      } else {
-        for (int c = 0; c < s; ++c) sum[c] += w * x[c];
+    for (int v = 0; v < n_vertices_; ++v) {
+      Row sum[kRows] = {};
+      for (int e = vertex_start_[v]; e < vertex_start_[v + 1]; ++e) {
+        const int p = vertex_points_[e];
+        const float w = vertex_weights_[e];
+        const float* x = in + static_cast<std::size_t>(p) * kStride;
+        if (point_scale != nullptr) {
+          const float scale = point_scale[p];
+          for (int i = 0; i < kRows; ++i) sum[i] += w * (load<kWidth>(x + i * kWidth) * scale);
+        } else {
+          for (int i = 0; i < kRows; ++i) sum[i] += w * load<kWidth>(x + i * kWidth);
+        }
       }
+      float* out = values + static_cast<std::size_t>(v) * kWidth;
+      for (int i = 0; i < kRows; ++i) store<kWidth>(out + i * block_size, sum[i]);
     }
-    float* __restrict out = values + static_cast<std::size_t>(v) * width;
-    for (int first = 0; first < s; first += width, out += block_size) {
-      for (int c = 0; c < width; ++c) out[c] = sum[first + c];
+  } else {
+    std::vector<float> acc(s);
+#pragma omp for schedule(static)
+    for (int v = 0; v < n_vertices_; ++v) {
+      float* __restrict sum = acc.data();
+      for (int c = 0; c < s; ++c) sum[c] = 0.0f;
+      for (int e = vertex_start_[v]; e < vertex_start_[v + 1]; ++e) {
+        const int p = vertex_points_[e];
+        const float w = vertex_weights_[e];
+        const float* __restrict x = in + static_cast<std::size_t>(p) * s;
+        if (point_scale != nullptr) {
+          const float scale = point_scale[p];
+          for (int c = 0; c < s; ++c) sum[c] += w * (x[c] * scale);
+        } else {
+          for (int c = 0; c < s; ++c) sum[c] += w * x[c];
+        }
+      }
+      float* __restrict out = values + static_cast<std::size_t>(v) * width;
+      for (int first = 0; first < s; first += width, out += block_size) {
+        for (int c = 0; c < width; ++c) out[c] = sum[first + c];
+      }
     }
   }
 }
@@ -180,17 +202,34 @@ void Permutohedral::slice_point(int point, const float* values, int stride, bool
   const int d1 = dim_ + 1;
   const int32_t* vertices = &point_vertices_[static_cast<std::size_t>(point) * d1];
   const float* weights = &point_weights_[static_cast<std::size_t>(point) * d1];
-  for (int c = 0; c < s; ++c) out[c] = 0.0f;
-  for (int j = 0; j < d1; ++j) {
-    const float w = weights[j];
-    const float w_alpha = w * alpha_;
-    const float* __restrict row = values + static_cast<std::size_t>(vertices[j]) * width;
-    for (int first = 0; first < s; first += width, row += block_size) {
-      float* __restrict o = out + first;
+  if constexpr (kStride > 0) {  // the sums in vector registers
+    constexpr int kWidth = block_width(kStride), kRows = kStride / kWidth;
+    using Row = Floats<kWidth>;
+    Row sum[kRows] = {};
+    for (int j = 0; j < d1; ++j) {
+      const float w = weights[j];
+      const float w_alpha = w * alpha_;
+      const float* row = values + static_cast<std::size_t>(vertices[j]) * kWidth;
       if (alpha_in_weight) {
-        for (int c = 0; c < width; ++c) o[c] += w_alpha * row[c];
+        for (int i = 0; i < kRows; ++i) sum[i] += w_alpha * load<kWidth>(row + i * block_size);
       } else {
-        for (int c = 0; c < width; ++c) o[c] += w * row[c] * alpha_;
+        for (int i = 0; i < kRows; ++i) sum[i] += w * load<kWidth>(row + i * block_size) * alpha_;
+      }
+    }
+    for (int i = 0; i < kRows; ++i) store<kWidth>(out + i * kWidth, sum[i]);
+  } else {
+    for (int c = 0; c < s; ++c) out[c] = 0.0f;
+    for (int j = 0; j < d1; ++j) {
+      const float w = weights[j];
+      const float w_alpha = w * alpha_;
+      const float* __restrict row = values + static_cast<std::size_t>(vertices[j]) * width;
+      for (int first = 0; first < s; first += width, row += block_size) {
+        float* __restrict o = out + first;
+        if (alpha_in_weight) {
+          for (int c = 0; c < width; ++c) o[c] += w_alpha * row[c];
+        } else {
+          for (int c = 0; c < width; ++c) o[c] += w * row[c] * alpha_;
+        }
       }
     }
   }
