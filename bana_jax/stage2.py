@@ -39,7 +39,7 @@ keeps the per-size backbone compilations across runs.
 mean pixel (0 after Caffe normalisation) at the bottom and right to multiples of B pixels, the
 backbone runs on the padded image (one compilation per bucket) and its features are cut back to the
 image's own feature grid. The labels then differ from the exact ones near the padded borders
-(`bench/stage2.py --image-bucket B` measures by how much); use it for datasets of many sizes.
+(`bench/image_bucket.py` measures by how much); use it for datasets of many sizes.
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
       source: random-access raw samples (`image`, `boxes` inclusive pixels, `box_labels`, `id`,
         optional `label`).
       config: uses `pseudo.use_u0`, `pseudo.grid_size` (1), `pseudo.bg_threshold` (0.99),
-        `pseudo.save_visualisations`, `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`, `model.num_classes` (unless num_classes is given).
+        `pseudo.save_visualisations`, `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`,
+        `model.num_classes` (unless num_classes is given).
       out_dir: where `Y_crf/`, `Y_ret/`, `baselines/grabcut/`, `visualisations/`, `summary.json` go.
       baselines: which of "box_fill", "grabcut" to score when ground truth exists (GrabCut costs
         about a second per box on a CPU; its labels are kept under `baselines/grabcut/`).
@@ -268,7 +269,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     crf_params = dict(bi_w=crf_cfg.bi_w, bi_xy_std=crf_cfg.bi_xy_std, bi_rgb_std=crf_cfg.bi_rgb_std,
                       pos_w=crf_cfg.pos_w, pos_xy_std=crf_cfg.pos_xy_std, n_iter=crf_cfg.iterations)
     workers = workers or os.cpu_count() or 1
-    extractor = FeatureExtractor(labeler, image_bucket=int(pseudo.get("image_bucket", 0)))
+    extractor = FeatureExtractor(labeler, image_bucket=pseudo.image_bucket)
     weight = extractor.classifier_weight if classifier_weight is None else _check_weight(
         classifier_weight, extractor.classifier_weight.shape[0])
     visualise = bool(pseudo.save_visualisations) and num_visualisations > 0
@@ -407,8 +408,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                         f"{workers} CPU workers, device {jax.devices()[0].platform}",
         "backbone_image_sizes": len(extractor.image_sizes),
         "backbone_compilations": len(extractor.backbone_sizes),
-        "settings": {"use_u0": bool(pseudo.use_u0), "image_bucket": extractor.image_bucket, "crf": crf_params, "unseen_classes": list(unseen_classes),
-                     "baselines": list(baselines)},
+        "settings": {"use_u0": bool(pseudo.use_u0), "image_bucket": extractor.image_bucket, "crf": crf_params,
+                     "unseen_classes": list(unseen_classes), "baselines": list(baselines)},
     }
     if counts[3]:
         methods = [m for m in METHODS if m in ("y_crf", "y_ret", "agreement") or m in baselines]

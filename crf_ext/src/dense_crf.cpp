@@ -126,19 +126,15 @@ void DenseCrf::set_unary_from_probs(const float* probs, float clip_min, int num_
 void DenseCrf::add_kernel(std::unique_ptr<PairwiseKernel> kernel) { kernels_.push_back(std::move(kernel)); }
 
 template <int kStride>
-void DenseCrf::add_messages(int point, const float* const* filtered, float* __restrict sliced,
-                            float* __restrict logits) const {
+void DenseCrf::subtract_message(const PairwiseKernel& kernel, int point, const float* filtered,
+                                float* __restrict sliced, float* __restrict logits) const {
   const int s = kStride > 0 ? kStride : stride_;
-  const bool alpha_in_weight = n_labels_ > 2;
-  for (std::size_t k = 0; k < kernels_.size(); ++k) {
-    const PairwiseKernel& kernel = *kernels_[k];
-    kernel.lattice().template slice_point<kStride>(point, filtered[k], s, alpha_in_weight, sliced);
-    if (const float* post = kernel.post_scale()) {
-      const float scale = post[point];
-      for (int l = 0; l < s; ++l) sliced[l] *= scale;
-    }
-    kernel.compat().template subtract<kStride>(sliced, s, logits);
+  kernel.lattice().template slice_point<kStride>(point, filtered, s, n_labels_ > 2, sliced);
+  if (const float* post = kernel.post_scale()) {
+    const float scale = post[point];
+    for (int l = 0; l < s; ++l) sliced[l] *= scale;
   }
+  kernel.compat().template subtract<kStride>(sliced, s, logits);
 }
 
 void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
@@ -151,7 +147,6 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
     {
       std::vector<float> logits(static_cast<std::size_t>(kChunk) * stride), by_label(static_cast<std::size_t>(kChunk) * c);
       std::vector<float> sliced(stride);
-      std::vector<const float*> filtered(n_kernels);
       for (int it = 0; it < n_iter; ++it) {
         // Every splat reads q before any point of q is overwritten below.
         for (int k = 0; k < n_kernels; ++k) {
@@ -159,7 +154,6 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
         }
         for (int k = 0; k < n_kernels; ++k) {
           kernels_[k]->lattice().template blur<kStride>(values[k].get(), stride, false);
-          filtered[k] = values[k].get();
         }
         // logits = -U - sum_k compat_k(K_k q), in pydensecrf's order, then softmax into q.
 #pragma omp for schedule(static)
@@ -168,8 +162,10 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
           std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * stride,
                       static_cast<std::size_t>(count) * stride, logits.data());
           for (int i = 0; i < count; ++i) {
-            add_messages<kStride>(start + i, filtered.data(), sliced.data(),
-                                  logits.data() + static_cast<std::size_t>(i) * stride);
+            for (int k = 0; k < n_kernels; ++k) {
+              subtract_message<kStride>(*kernels_[k], start + i, values[k].get(), sliced.data(),
+                                        logits.data() + static_cast<std::size_t>(i) * stride);
+            }
           }
           softmax_chunk(logits.data(), count, c, stride, by_label.data(), q + static_cast<std::size_t>(start) * stride);
         }
@@ -236,16 +232,11 @@ double DenseCrf::kl_divergence(const float* q, int num_threads) const {
       {
         lattice.template splat<kStride>(padded.data(), stride, kernel->pre_scale(), values.data());
         lattice.template blur<kStride>(values.data(), stride, false);
-        const float* filtered = values.data();
         std::vector<float> sliced(stride), minus_message(stride);
 #pragma omp for schedule(static)
         for (int p = 0; p < n; ++p) {
-          lattice.template slice_point<kStride>(p, filtered, stride, c > 2, sliced.data());
-          if (const float* post = kernel->post_scale()) {
-            for (int l = 0; l < c; ++l) sliced[l] *= post[p];
-          }
           std::fill(minus_message.begin(), minus_message.end(), 0.0f);
-          kernel->compat().template subtract<kStride>(sliced.data(), stride, minus_message.data());
+          subtract_message<kStride>(*kernel, p, values.data(), sliced.data(), minus_message.data());
           for (int l = 0; l < c; ++l) {
             per_point[p] -= static_cast<double>(padded[static_cast<std::size_t>(p) * stride + l]) * minus_message[l];
           }

@@ -61,10 +61,11 @@ class DenseCrf {
  private:
   // Mean-field iterations on q_padded (n_points x stride, zero padding), in place.
   void iterate(float* q_padded, int n_iter, int num_threads) const;
-  // logits -= sum_k compat_k(post_k * slice_k) for one point (stride lanes); filtered[k] is
-  // kernel k's blurred lattice values, `sliced` a scratch row.
+  // logits -= compat(post * slice) of `kernel` for one point (stride lanes); `filtered` is the
+  // kernel's blurred lattice values, `sliced` a scratch row.
   template <int kStride>
-  void add_messages(int point, const float* const* filtered, float* sliced, float* logits) const;
+  void subtract_message(const PairwiseKernel& kernel, int point, const float* filtered, float* sliced,
+                        float* logits) const;
 
   int n_points_;
   int n_labels_;

@@ -21,7 +21,7 @@ class LabelCompat {
     return LabelCompat(Kind::kDiagonal, std::move(padded), n_labels);
   }
   // `matrix`: n_labels x n_labels, row-major; symmetrised here and stored transposed, one row
-  // of padded_channels(n_labels) floats per input label, so that apply() runs across labels.
+  // of padded_channels(n_labels) floats per input label, so that subtract() runs across labels.
   static LabelCompat matrix(const float* matrix, int n_labels) {
     const int stride = padded_channels(n_labels);
     std::vector<float> by_input(static_cast<std::size_t>(n_labels) * stride, 0.0f);

@@ -99,21 +99,6 @@ void simplex_vertex_keys(const int32_t* __restrict rem0, const int8_t* __restric
   }
 }
 
-// Calls fn(std::integral_constant<int, D>) with D = dim for the feature dimensions that get their
-// own unrolled code (DenseCRF2D's 2 and 5 among them), D = 0 otherwise.
-template <typename Fn>
-void with_dim(int dim, Fn&& fn) {
-  switch (dim) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
-}
-
 }  // namespace
 
 Permutohedral::Permutohedral(const float* features, int n_points, int dim, int num_threads, bool keep_keys)
@@ -137,7 +122,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   std::vector<int8_t> rank(static_cast<std::size_t>(n_padded) * d1);
   point_weights_.resize(static_cast<std::size_t>(n_points) * d1);
 
-  with_dim(d, [&](auto kDim) {
+  // Unrolled code for the feature dimensions 1-6 (DenseCRF2D's 2 and 5 among them).
+  with_constant<1, 2, 3, 4, 5, 6>(d, [&](auto kDim) {
 #pragma omp parallel num_threads(threads)
     {
       SimplexScratch<kDim> s(d);

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -86,18 +87,18 @@ class Permutohedral {
   std::vector<int32_t> keys_;
 };
 
-// Calls fn(std::integral_constant<int, S>) with S = stride for the strides that get their own
-// fully unrolled code (up to 24 channels, VOC's 21 labels included), S = 0 otherwise.
+// Calls fn(std::integral_constant<int, V>) with V = value if value is one of kValues, V = 0
+// otherwise: the listed values get their own fully unrolled code.
+template <int... kValues, typename Fn>
+void with_constant(int value, Fn&& fn) {
+  const bool listed = ((value == kValues && (fn(std::integral_constant<int, kValues>{}), true)) || ...);
+  if (!listed) fn(std::integral_constant<int, 0>{});
+}
+
+// The strides with their own code: up to 24 channels, VOC's 21 labels included.
 template <typename Fn>
 void with_stride(int stride, Fn&& fn) {
-  switch (stride) {
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 8: fn(std::integral_constant<int, 8>{}); break;
-    case 12: fn(std::integral_constant<int, 12>{}); break;
-    case 16: fn(std::integral_constant<int, 16>{}); break;
-    case 24: fn(std::integral_constant<int, 24>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
+  with_constant<4, 8, 12, 16, 24>(stride, std::forward<Fn>(fn));
 }
 
 template <int kStride>
