@@ -13,16 +13,21 @@
 
 namespace crf {
 
-// Values per point are rows of `stride` floats, stride a multiple of kBlock (the SIMD width the
-// loops are written for).
+// Values per point and per vertex are rows of `stride` floats, stride a multiple of kBlock (the
+// SIMD width the loops are written for). Lattice values are vertex-major, one whole row per
+// vertex: the blur and the slice are bound by the latency of scattered row accesses, so one
+// access should bring all channels (blur 1.6x faster than with 8-channel blocks at C = 21 on
+// a machine with an 8 MiB L3).
 constexpr int kBlock = 4;
 
 inline int padded_channels(int channels) { return (channels + kBlock - 1) / kBlock * kBlock; }
 
-// Lattice values are stored in channel blocks: block b holds channels [b * width, (b + 1) *
-// width) of every vertex, vertex-major. The blur walks one block at a time, so its scattered
-// accesses stay within a block that fits the caches (8 channels of 400k vertices: 13 MB).
-constexpr int block_width(int stride) { return stride % 8 == 0 ? 8 : 4; }
+// The SIMD registers of one row of kStride floats: kRows vectors of kLanes floats.
+template <int kStride>
+struct RowShape {
+  static constexpr int kLanes = kStride % 8 == 0 ? 8 : 4;
+  static constexpr int kRows = kStride / kLanes;
+};
 
 class Permutohedral {
  public:
@@ -37,13 +42,14 @@ class Permutohedral {
   // built with keep_keys.
   const std::vector<int32_t>& keys() const { return keys_; }
 
-  // Floats in a value buffer for `stride` channels (stride a multiple of kBlock).
+  // Floats in a value buffer for `stride` channels (stride a multiple of kBlock): one row per
+  // vertex.
   std::size_t buffer_size(int stride) const { return static_cast<std::size_t>(stride) * n_vertices_; }
 
   // The three steps of one filter. Each is an OpenMP work-sharing loop: call them from every
-  // thread of a parallel region (or outside one, serially). Buffers come from buffer_size(), in
-  // the channel-block layout of block_width(stride). kStride is `stride` as a compile-time
-  // constant for the common sizes (0: only known at run time); see with_stride().
+  // thread of a parallel region (or outside one, serially). Buffers come from buffer_size().
+  // kStride is `stride` as a compile-time constant for the common sizes (0: only known at run
+  // time); see with_stride().
   //
   // values[v] = sum over points p touching v of b_pv * (in[p] * point_scale[p]), in point order.
   // `in` has `stride` floats per point; `point_scale` may be null (no scaling).
@@ -62,9 +68,9 @@ class Permutohedral {
   void filter(const float* in, int channels, float* out, int num_threads, bool reverse = false) const;
 
  private:
-  // One axis of the blur on one channel block of kWidth channels.
-  template <int kWidth>
-  void blur_axis(float* block, int axis) const;
+  // One axis of the blur.
+  template <int kStride>
+  void blur_axis(float* values, int stride, int axis) const;
 
   int n_points_;
   int dim_;
@@ -103,12 +109,10 @@ void with_stride(int stride, Fn&& fn) {
 
 template <int kStride>
 void Permutohedral::splat(const float* in, int stride, const float* point_scale, float* values) const {
-  const int s = kStride > 0 ? kStride : stride;
-  const int width = block_width(s);
-  const std::size_t block_size = static_cast<std::size_t>(n_vertices_) * width;
   if constexpr (kStride > 0) {  // the sums in vector registers
-    constexpr int kWidth = block_width(kStride), kRows = kStride / kWidth;
-    using Row = Floats<kWidth>;
+    using Shape = RowShape<kStride>;
+    constexpr int kLanes = Shape::kLanes, kRows = Shape::kRows;
+    using Row = Floats<kLanes>;
 #pragma omp for schedule(static)
     for (int v = 0; v < n_vertices_; ++v) {
       Row sum[kRows] = {};
@@ -118,34 +122,29 @@ void Permutohedral::splat(const float* in, int stride, const float* point_scale,
         const float* x = in + static_cast<std::size_t>(p) * kStride;
         if (point_scale != nullptr) {
           const float scale = point_scale[p];
-          for (int i = 0; i < kRows; ++i) sum[i] += w * (load<kWidth>(x + i * kWidth) * scale);
+          for (int i = 0; i < kRows; ++i) sum[i] += w * (load<kLanes>(x + i * kLanes) * scale);
         } else {
-          for (int i = 0; i < kRows; ++i) sum[i] += w * load<kWidth>(x + i * kWidth);
+          for (int i = 0; i < kRows; ++i) sum[i] += w * load<kLanes>(x + i * kLanes);
         }
       }
-      float* out = values + static_cast<std::size_t>(v) * kWidth;
-      for (int i = 0; i < kRows; ++i) store<kWidth>(out + i * block_size, sum[i]);
+      float* out = values + static_cast<std::size_t>(v) * kStride;
+      for (int i = 0; i < kRows; ++i) store<kLanes>(out + i * kLanes, sum[i]);
     }
   } else {
-    std::vector<float> acc(s);
 #pragma omp for schedule(static)
     for (int v = 0; v < n_vertices_; ++v) {
-      float* __restrict sum = acc.data();
-      for (int c = 0; c < s; ++c) sum[c] = 0.0f;
+      float* __restrict sum = values + static_cast<std::size_t>(v) * stride;
+      for (int c = 0; c < stride; ++c) sum[c] = 0.0f;
       for (int e = vertex_start_[v]; e < vertex_start_[v + 1]; ++e) {
         const int p = vertex_points_[e];
         const float w = vertex_weights_[e];
-        const float* __restrict x = in + static_cast<std::size_t>(p) * s;
+        const float* __restrict x = in + static_cast<std::size_t>(p) * stride;
         if (point_scale != nullptr) {
           const float scale = point_scale[p];
-          for (int c = 0; c < s; ++c) sum[c] += w * (x[c] * scale);
+          for (int c = 0; c < stride; ++c) sum[c] += w * (x[c] * scale);
         } else {
-          for (int c = 0; c < s; ++c) sum[c] += w * x[c];
+          for (int c = 0; c < stride; ++c) sum[c] += w * x[c];
         }
-      }
-      float* __restrict out = values + static_cast<std::size_t>(v) * width;
-      for (int first = 0; first < s; first += width, out += block_size) {
-        for (int c = 0; c < width; ++c) out[c] = sum[first + c];
       }
     }
   }
@@ -153,43 +152,72 @@ void Permutohedral::splat(const float* in, int stride, const float* point_scale,
 
 template <int kStride>
 void Permutohedral::blur(float* values, int stride, bool reverse) const {
-  const int s = kStride > 0 ? kStride : stride;
-  const int width = block_width(s);
-  for (int first = 0; first < s; first += width) {
-    float* block = values + static_cast<std::size_t>(n_vertices_) * first;
-    for (int step = 0; step <= dim_; ++step) {
-      const int axis = reverse ? dim_ - step : step;
-      if (width == 8) {
-        blur_axis<8>(block, axis);
-      } else {
-        blur_axis<4>(block, axis);
-      }
-    }
-  }
+  for (int step = 0; step <= dim_; ++step) blur_axis<kStride>(values, stride, reverse ? dim_ - step : step);
+}
+
+// Prefetches every cache line of a row of `floats` floats, for writing.
+inline void prefetch_row(const float* row, int floats) {
+  for (int c = 0; c < floats; c += 16) __builtin_prefetch(row + c, 1);
+  __builtin_prefetch(row + floats - 1, 1);
 }
 
 // Along one chain each (scattered) vertex row is read once and written once: the walk keeps the
 // old values of the previous and the current vertex, so the blur runs in place. The float
 // operations are those of new[v] = old[v] + 0.5 * (old[n1] + old[n2]), a missing neighbour
-// reading as 0.
-template <int kWidth>
-void Permutohedral::blur_axis(float* block, int axis) const {
-  using Row = Floats<kWidth>;
-  constexpr int kAhead = 8;  // prefetch distance along the chains of the axis
-  const int axis_end = chain_start_[axis_chain_[axis + 1]];
+// reading as 0. Rows are prefetched kAhead chain elements early (the walk is latency-bound).
+template <int kStride>
+void Permutohedral::blur_axis(float* values, int stride, int axis) const {
+  constexpr int kAhead = 16;
+  const int s = kStride > 0 ? kStride : stride;
+  // Local copies: the compiler cannot tell that the stores below leave the members alone.
+  const int32_t* const vertices = chain_vertices_.data();
+  const int32_t* const starts = chain_start_.data();
+  const int first_chain = axis_chain_[axis], last_chain = axis_chain_[axis + 1];
+  const int axis_end = starts[last_chain];
+  auto row = [values, vertices, s](int at) { return values + static_cast<std::size_t>(vertices[at]) * s; };
+  if constexpr (kStride > 0) {
+    using Shape = RowShape<kStride>;
+    constexpr int kLanes = Shape::kLanes, kRows = Shape::kRows;
+    using Row = Floats<kLanes>;
 #pragma omp for schedule(static)
-  for (int chain = axis_chain_[axis]; chain < axis_chain_[axis + 1]; ++chain) {
-    const int begin = chain_start_[chain], end = chain_start_[chain + 1];
-    Row prev = {}, cur = load<kWidth>(block + static_cast<std::size_t>(chain_vertices_[begin]) * kWidth);
-    for (int at = begin; at < end; ++at) {
-      if (at + kAhead < axis_end) {
-        __builtin_prefetch(block + static_cast<std::size_t>(chain_vertices_[at + kAhead]) * kWidth);
+    for (int chain = first_chain; chain < last_chain; ++chain) {
+      const int begin = starts[chain], end = starts[chain + 1];
+      Row prev[kRows] = {}, cur[kRows], next[kRows];
+      for (int i = 0; i < kRows; ++i) cur[i] = load<kLanes>(row(begin) + i * kLanes);
+      for (int at = begin; at < end; ++at) {
+        if (at + kAhead < axis_end) prefetch_row(row(at + kAhead), kStride);
+        if (at + 1 < end) {
+          const float* in = row(at + 1);
+          for (int i = 0; i < kRows; ++i) next[i] = load<kLanes>(in + i * kLanes);
+        } else {
+          for (int i = 0; i < kRows; ++i) next[i] = Row{};
+        }
+        float* out = row(at);
+        for (int i = 0; i < kRows; ++i) {
+          store<kLanes>(out + i * kLanes, cur[i] + 0.5f * (prev[i] + next[i]));
+          prev[i] = cur[i];
+          cur[i] = next[i];
+        }
       }
-      const Row next = at + 1 < end ? load<kWidth>(block + static_cast<std::size_t>(chain_vertices_[at + 1]) * kWidth)
-                                    : Row{};
-      store<kWidth>(block + static_cast<std::size_t>(chain_vertices_[at]) * kWidth, cur + 0.5f * (prev + next));
-      prev = cur;
-      cur = next;
+    }
+  } else {
+    std::vector<float> prev_cur(2 * static_cast<std::size_t>(s));
+#pragma omp for schedule(static)
+    for (int chain = first_chain; chain < last_chain; ++chain) {
+      const int begin = starts[chain], end = starts[chain + 1];
+      float* __restrict prev = prev_cur.data();  // old values of the previous vertex
+      float* __restrict cur = prev + s;          // and of the current one
+      for (int c = 0; c < s; ++c) prev[c] = 0.0f;
+      for (int at = begin; at < end; ++at) {
+        if (at + kAhead < axis_end) prefetch_row(row(at + kAhead), s);
+        float* __restrict out = row(at);
+        const float* __restrict next = at + 1 < end ? row(at + 1) : nullptr;
+        for (int c = 0; c < s; ++c) {
+          cur[c] = out[c];
+          out[c] = cur[c] + 0.5f * (prev[c] + (next != nullptr ? next[c] : 0.0f));
+          prev[c] = cur[c];
+        }
+      }
     }
   }
 }
@@ -198,39 +226,35 @@ template <int kStride>
 void Permutohedral::slice_point(int point, const float* values, int stride, bool alpha_in_weight,
                                 float* __restrict out) const {
   const int s = kStride > 0 ? kStride : stride;
-  const int width = block_width(s);
-  const std::size_t block_size = static_cast<std::size_t>(n_vertices_) * width;
   const int d1 = dim_ + 1;
   const int32_t* vertices = &point_vertices_[static_cast<std::size_t>(point) * d1];
   const float* weights = &point_weights_[static_cast<std::size_t>(point) * d1];
   if constexpr (kStride > 0) {  // the sums in vector registers
-    constexpr int kWidth = block_width(kStride), kRows = kStride / kWidth;
-    using Row = Floats<kWidth>;
+    using Shape = RowShape<kStride>;
+    constexpr int kLanes = Shape::kLanes, kRows = Shape::kRows;
+    using Row = Floats<kLanes>;
     Row sum[kRows] = {};
     for (int j = 0; j < d1; ++j) {
       const float w = weights[j];
       const float w_alpha = w * alpha_;
-      const float* row = values + static_cast<std::size_t>(vertices[j]) * kWidth;
+      const float* row = values + static_cast<std::size_t>(vertices[j]) * kStride;
       if (alpha_in_weight) {
-        for (int i = 0; i < kRows; ++i) sum[i] += w_alpha * load<kWidth>(row + i * block_size);
+        for (int i = 0; i < kRows; ++i) sum[i] += w_alpha * load<kLanes>(row + i * kLanes);
       } else {
-        for (int i = 0; i < kRows; ++i) sum[i] += w * load<kWidth>(row + i * block_size) * alpha_;
+        for (int i = 0; i < kRows; ++i) sum[i] += w * load<kLanes>(row + i * kLanes) * alpha_;
       }
     }
-    for (int i = 0; i < kRows; ++i) store<kWidth>(out + i * kWidth, sum[i]);
+    for (int i = 0; i < kRows; ++i) store<kLanes>(out + i * kLanes, sum[i]);
   } else {
     for (int c = 0; c < s; ++c) out[c] = 0.0f;
     for (int j = 0; j < d1; ++j) {
       const float w = weights[j];
       const float w_alpha = w * alpha_;
-      const float* __restrict row = values + static_cast<std::size_t>(vertices[j]) * width;
-      for (int first = 0; first < s; first += width, row += block_size) {
-        float* __restrict o = out + first;
-        if (alpha_in_weight) {
-          for (int c = 0; c < width; ++c) o[c] += w_alpha * row[c];
-        } else {
-          for (int c = 0; c < width; ++c) o[c] += w * row[c] * alpha_;
-        }
+      const float* __restrict row = values + static_cast<std::size_t>(vertices[j]) * s;
+      if (alpha_in_weight) {
+        for (int c = 0; c < s; ++c) out[c] += w_alpha * row[c];
+      } else {
+        for (int c = 0; c < s; ++c) out[c] += w * row[c] * alpha_;
       }
     }
   }
