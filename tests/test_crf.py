@@ -89,8 +89,9 @@ def test_matches_pydensecrf_on_real_photos(shared_data, name, n_labels, unary):
     assert agreement >= 0.9999, agreement
 
 
-# Each label count takes another value layout: 1 and 2 labels pydensecrf's other slicing path,
-# 5 one 8-channel block, 10 three 4-channel blocks, 30 a stride known only at run time.
+# Each label count takes another code path for its rows: 1 and 2 labels pydensecrf's other
+# slicing path, 5 one 8-lane vector per row, 10 three 4-lane vectors, 30 a stride known only at
+# run time.
 @pytest.mark.parametrize("n_labels", [1, 2, 5, 10, 30])
 def test_matches_pydensecrf_for_every_value_layout(shared_data, n_labels):
     image = np.ascontiguousarray(load_photo(shared_data, PHOTOS[0])[:150, :200])

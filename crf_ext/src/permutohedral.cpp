@@ -195,21 +195,21 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   std::vector<uint8_t> has_previous(static_cast<std::size_t>(d1) * m, 0);
   // The links inside each point's simplex come for free: vertex r + 1 is n2 of vertex r along
   // the axis of the coordinate ranked d - r (and vertex 0 is n2 of vertex d along the axis of
-  // the coordinate ranked 0). Each thread writes the links of its own axes.
+  // the coordinate ranked 0). Simplices that share an edge write the same link: relaxed atomic
+  // stores make those identical writes race-free.
 #pragma omp parallel num_threads(threads)
   {
-    const int t = thread_index(), n_threads = thread_count();
     std::vector<int> axis_of_rank(d1);
+#pragma omp for schedule(static)
     for (int p = 0; p < n_points; ++p) {
       if (same_as_previous[p]) continue;
       for (int i = 0; i <= d; ++i) axis_of_rank[rank[static_cast<std::size_t>(p) * d1 + i]] = i;
       const int32_t* simplex = &point_vertices_[static_cast<std::size_t>(p) * d1];
       for (int r = 0; r <= d; ++r) {
-        const int axis = axis_of_rank[d - r];
-        if (axis % n_threads != t) continue;
+        const std::size_t axis_start = static_cast<std::size_t>(axis_of_rank[d - r]) * m;
         const int32_t v = simplex[r == d ? 0 : r + 1];
-        next[static_cast<std::size_t>(axis) * m + simplex[r]] = v;
-        has_previous[static_cast<std::size_t>(axis) * m + v] = 1;
+        __atomic_store_n(&next[axis_start + simplex[r]], v, __ATOMIC_RELAXED);
+        __atomic_store_n(&has_previous[axis_start + v], uint8_t{1}, __ATOMIC_RELAXED);
       }
     }
   }
