@@ -26,16 +26,28 @@ class LatticeHashTable {
   const std::vector<int32_t>& keys() const { return keys_; }
 
   static uint32_t hash(const int32_t* key, int key_size) {
-    uint64_t h = 0x9E3779B97F4A7C15ull;
-    for (int i = 0; i < key_size; ++i) {
-      h = (h ^ static_cast<uint32_t>(key[i])) * 0xFF51AFD7ED558CCDull;
-    }
-    // Finaliser of MurmurHash3: the table indexes with the low bits, which the multiplications
-    // above leave dependent on the low bits of the coordinates only.
+    // A sum of products with one random odd factor per coordinate: the multiplies are
+    // independent, so a key's coordinates (and the keys of a simplex) hash in parallel rather
+    // than in one dependent chain. The factors must be unrelated: lattice keys differ by small
+    // integer vectors, and factors like (2i + 1) g would cancel on them exactly.
+    uint64_t h = 0;
+    for (int i = 0; i < key_size; ++i) h += static_cast<uint64_t>(static_cast<uint32_t>(key[i])) * factor(i);
+    // Finaliser of MurmurHash3: the table indexes with the low bits, which the sum above leaves
+    // dependent on the low bits of the coordinates only.
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDull;
     h ^= h >> 33;
     h *= 0xC4CEB9FE1A85EC53ull;
     h ^= h >> 33;
     return static_cast<uint32_t>(h);
+  }
+
+  // SplitMix64 of i, made odd (folded to a constant where the key size is known at compile time).
+  static constexpr uint64_t factor(int i) {
+    uint64_t z = static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (z ^ (z >> 31)) | 1;
   }
 
   // Id of `key` (whose hash() is `h`), inserted if absent.

@@ -92,8 +92,11 @@ void locate(const float* f, int dim, const float* scale, SimplexScratch<kDim>& s
 
 // The d+1 vertex keys of a simplex (d stored coordinates each): coordinate i of vertex r is
 // rem0[i] + r, or rem0[i] + r - (d+1) when rank[i] > d - r (the canonical simplex).
-void simplex_vertex_keys(const int32_t* __restrict rem0, const int8_t* __restrict rank, int d,
+// kDim > 0 fixes the dimension at compile time.
+template <int kDim>
+void simplex_vertex_keys(const int32_t* __restrict rem0, const int8_t* __restrict rank, int dim,
                          int32_t* __restrict keys) {
+  const int d = kDim > 0 ? kDim : dim;
   for (int r = 0; r <= d; ++r) {
     for (int i = 0; i < d; ++i) keys[r * d + i] = rem0[i] + (rank[i] <= d - r ? r : r - (d + 1));
   }
@@ -159,32 +162,36 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   auto owned_table = std::make_unique<LatticeHashTable>(d, static_cast<std::size_t>(n_padded) * 2);
   LatticeHashTable& table = *owned_table;
   point_vertices_.resize(static_cast<std::size_t>(n_points) * d1);
-  constexpr int kAhead = 4;
-  const std::size_t ring_stride = static_cast<std::size_t>(d1) * d;
-  std::vector<int32_t> ring_keys((kAhead + 1) * ring_stride);
-  std::vector<uint32_t> ring_hashes((kAhead + 1) * d1);
-  auto stage = [&](int p) {  // keys and hashes of point p into its ring slot; slots prefetched
-    if (same_as_previous[p]) return;
-    const int slot = p % (kAhead + 1);
-    simplex_vertex_keys(&rem0[static_cast<std::size_t>(p) * d1], &rank[static_cast<std::size_t>(p) * d1], d,
-                        &ring_keys[slot * ring_stride]);
-    for (int r = 0; r <= d; ++r) {
-      ring_hashes[slot * d1 + r] = LatticeHashTable::hash(&ring_keys[slot * ring_stride + r * d], d);
-      table.prefetch(ring_hashes[slot * d1 + r]);
-    }
-  };
-  for (int p = 0; p < std::min(kAhead, n_padded); ++p) stage(p);
-  std::vector<int32_t> vertices(d1);
-  for (int p = 0; p < n_padded; ++p) {
-    if (p + kAhead < n_padded) stage(p + kAhead);
-    if (!same_as_previous[p]) {
+  with_constant<1, 2, 3, 4, 5, 6>(d, [&](auto kDim) {
+    const int dc = kDim > 0 ? kDim : d, dc1 = dc + 1;  // compile-time constants for d = 1..6
+    constexpr int kAhead = 4;
+    const std::size_t ring_stride = static_cast<std::size_t>(dc1) * dc;
+    std::vector<int32_t> ring_keys((kAhead + 1) * ring_stride);
+    std::vector<uint32_t> ring_hashes((kAhead + 1) * dc1);
+    auto stage = [&](int p) {  // keys and hashes of point p into its ring slot; slots prefetched
+      if (same_as_previous[p]) return;
       const int slot = p % (kAhead + 1);
-      for (int r = 0; r <= d; ++r) {
-        vertices[r] = table.insert(&ring_keys[slot * ring_stride + r * d], ring_hashes[slot * d1 + r]);
+      int32_t* keys = &ring_keys[slot * ring_stride];
+      simplex_vertex_keys<kDim>(&rem0[static_cast<std::size_t>(p) * dc1], &rank[static_cast<std::size_t>(p) * dc1],
+                                dc, keys);
+      for (int r = 0; r <= dc; ++r) {
+        ring_hashes[slot * dc1 + r] = LatticeHashTable::hash(keys + r * dc, dc);
+        table.prefetch(ring_hashes[slot * dc1 + r]);
       }
+    };
+    for (int p = 0; p < std::min(kAhead, n_padded); ++p) stage(p);
+    std::vector<int32_t> vertices(dc1);
+    for (int p = 0; p < n_padded; ++p) {
+      if (p + kAhead < n_padded) stage(p + kAhead);
+      if (!same_as_previous[p]) {
+        const int slot = p % (kAhead + 1);
+        for (int r = 0; r <= dc; ++r) {
+          vertices[r] = table.insert(&ring_keys[slot * ring_stride + r * dc], ring_hashes[slot * dc1 + r]);
+        }
+      }
+      if (p < n_points) std::copy(vertices.begin(), vertices.end(), &point_vertices_[static_cast<std::size_t>(p) * dc1]);
     }
-    if (p < n_points) std::copy(vertices.begin(), vertices.end(), &point_vertices_[static_cast<std::size_t>(p) * d1]);
-  }
+  });
   n_vertices_ = table.size();
   std::vector<int32_t>().swap(rem0);  // each buffer is freed once dead, for the peak memory
   const int m = n_vertices_;
@@ -230,21 +237,24 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
       pending = 0;
     };
+    with_constant<1, 2, 3, 4, 5, 6>(d, [&](auto kDim) {
+      const int dc = kDim > 0 ? kDim : d;  // a compile-time constant for d = 1..6
 #pragma omp for schedule(static)
-    for (int v = 0; v < m; ++v) {
-      const int32_t* k = table.key(v);
-      for (int j = 0; j <= d; ++j) {
-        if (has_previous[static_cast<std::size_t>(j) * m + v]) continue;
-        int32_t* n1 = &keys[static_cast<std::size_t>(pending) * d];
-        for (int i = 0; i < d; ++i) n1[i] = k[i] - 1;
-        if (j < d) n1[j] = k[j] + d;
-        batch_hashes[pending] = LatticeHashTable::hash(n1, d);
-        table.prefetch(batch_hashes[pending]);
-        batch_vertex[pending] = v;
-        batch_axis[pending] = j;
-        if (++pending == kBatch) resolve();
+      for (int v = 0; v < m; ++v) {
+        const int32_t* k = table.key(v);
+        for (int j = 0; j <= dc; ++j) {
+          if (has_previous[static_cast<std::size_t>(j) * m + v]) continue;
+          int32_t* n1 = &keys[static_cast<std::size_t>(pending) * dc];
+          for (int i = 0; i < dc; ++i) n1[i] = k[i] - 1;
+          if (j < dc) n1[j] = k[j] + dc;
+          batch_hashes[pending] = LatticeHashTable::hash(n1, dc);
+          table.prefetch(batch_hashes[pending]);
+          batch_vertex[pending] = v;
+          batch_axis[pending] = j;
+          if (++pending == kBatch) resolve();
+        }
       }
-    }
+    });
     resolve();
   }
   if (keep_keys) keys_ = table.keys();
