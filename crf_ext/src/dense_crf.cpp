@@ -63,8 +63,10 @@ FloatBuffer lattice_buffer(const Permutohedral& lattice, int stride) {
 }  // namespace
 
 PairwiseKernel::PairwiseKernel(const float* features, int n_points, int dim, LabelCompat compat,
-                               Normalization normalization, int num_threads)
-    : lattice_(features, n_points, dim, num_threads), compat_(std::move(compat)), normalization_(normalization) {
+                               Normalization normalization, int num_threads, const std::function<void()>& overlap)
+    : lattice_(features, n_points, dim, num_threads, false, overlap),
+      compat_(std::move(compat)),
+      normalization_(normalization) {
   if (normalization_ == Normalization::kNone) return;  // pydensecrf computes a mean norm it never uses
   // The norm is K 1 through the one-channel code path, then pydensecrf's double-precision formula.
   std::vector<float> ones(n_points, 1.0f);
@@ -254,8 +256,9 @@ void dense_crf_2d(const uint8_t* image, const float* probs, int height, int widt
   const int n = height * width;
   DenseCrf crf(n, n_labels);
   crf.set_unary_from_probs(probs, 1e-5f, num_threads);
-  {
-    // Features exactly as pydensecrf's DenseCRF2D builds them: float pixel index / float std.
+  // Features exactly as pydensecrf's DenseCRF2D builds them: float pixel index / float std.
+  std::unique_ptr<PairwiseKernel> gaussian;
+  auto build_gaussian = [&](int threads) {  // the position kernel
     std::vector<float> features(static_cast<std::size_t>(n) * 2);
     for (int y = 0; y < height; ++y) {
       for (int x = 0; x < width; ++x) {
@@ -264,24 +267,30 @@ void dense_crf_2d(const uint8_t* image, const float* probs, int height, int widt
         features[p * 2 + 1] = static_cast<float>(y) / params.pos_xy_std;
       }
     }
-    crf.add_kernel(std::make_unique<PairwiseKernel>(features.data(), n, 2, LabelCompat::potts(params.pos_w),
-                                                    Normalization::kSymmetric, num_threads));
-  }
-  {
-    std::vector<float> features(static_cast<std::size_t>(n) * 5);
-    for (int y = 0; y < height; ++y) {
-      for (int x = 0; x < width; ++x) {
-        const std::size_t p = static_cast<std::size_t>(y) * width + x;
-        features[p * 5 + 0] = static_cast<float>(x) / params.bi_xy_std;
-        features[p * 5 + 1] = static_cast<float>(y) / params.bi_xy_std;
-        for (int ch = 0; ch < 3; ++ch) {
-          features[p * 5 + 2 + ch] = static_cast<float>(image[p * 3 + ch]) / params.bi_rgb_std;
-        }
+    gaussian = std::make_unique<PairwiseKernel>(features.data(), n, 2, LabelCompat::potts(params.pos_w),
+                                                Normalization::kSymmetric, threads);
+  };
+  std::vector<float> features(static_cast<std::size_t>(n) * 5);
+  for (int y = 0; y < height; ++y) {
+    for (int x = 0; x < width; ++x) {
+      const std::size_t p = static_cast<std::size_t>(y) * width + x;
+      features[p * 5 + 0] = static_cast<float>(x) / params.bi_xy_std;
+      features[p * 5 + 1] = static_cast<float>(y) / params.bi_xy_std;
+      for (int ch = 0; ch < 3; ++ch) {
+        features[p * 5 + 2 + ch] = static_cast<float>(image[p * 3 + ch]) / params.bi_rgb_std;
       }
     }
-    crf.add_kernel(std::make_unique<PairwiseKernel>(features.data(), n, 5, LabelCompat::potts(params.bi_w),
-                                                    Normalization::kSymmetric, num_threads));
   }
+  // With two threads or more, one of them builds the (small) Gaussian kernel while the bilateral
+  // lattice numbers its vertices, its one serial step. The same bits for any thread count.
+  const bool overlapped = resolve_threads(num_threads) >= 2;
+  if (!overlapped) build_gaussian(num_threads);
+  auto bilateral = std::make_unique<PairwiseKernel>(
+      features.data(), n, 5, LabelCompat::potts(params.bi_w), Normalization::kSymmetric, num_threads,
+      overlapped ? std::function<void()>([&] { build_gaussian(1); }) : nullptr);
+  std::vector<float>().swap(features);
+  crf.add_kernel(std::move(gaussian));  // pydensecrf's order: the messages are summed in it
+  crf.add_kernel(std::move(bilateral));
   crf.inference(params.n_iter, q_out, /*label_major=*/true, num_threads);
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -17,9 +18,9 @@ enum class Normalization : int { kNone = 0, kBefore = 1, kAfter = 2, kSymmetric 
 // One Gaussian kernel: its lattice, its normalisation, its label compatibility.
 class PairwiseKernel {
  public:
-  // `features`: n_points x dim, point-major.
+  // `features`: n_points x dim, point-major. `overlap`: see Permutohedral.
   PairwiseKernel(const float* features, int n_points, int dim, LabelCompat compat,
-                 Normalization normalization, int num_threads);
+                 Normalization normalization, int num_threads, const std::function<void()>& overlap = nullptr);
 
   const Permutohedral& lattice() const { return lattice_; }
   const LabelCompat& compat() const { return compat_; }

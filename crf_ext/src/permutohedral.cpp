@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <exception>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -102,9 +103,38 @@ void simplex_vertex_keys(const int32_t* __restrict rem0, const int8_t* __restric
   }
 }
 
+// Runs `main` on this thread and `side` (if any) on a second one when two are available, one
+// after the other otherwise. An exception from `side` is rethrown after both have finished.
+void run_alongside(const std::function<void()>& main, const std::function<void()>& side, int threads) {
+  if (!side) {
+    main();
+    return;
+  }
+  std::exception_ptr side_error;
+  auto run_side = [&] {
+    try {
+      side();
+    } catch (...) {
+      side_error = std::current_exception();
+    }
+  };
+  if (threads >= 2) {
+#pragma omp parallel num_threads(2)
+    {
+      if (thread_index() == 0) main();
+      if (thread_index() == 1 || thread_count() == 1) run_side();
+    }
+  } else {
+    main();
+    run_side();
+  }
+  if (side_error) std::rethrow_exception(side_error);
+}
+
 }  // namespace
 
-Permutohedral::Permutohedral(const float* features, int n_points, int dim, int num_threads, bool keep_keys)
+Permutohedral::Permutohedral(const float* features, int n_points, int dim, int num_threads, bool keep_keys,
+                             const std::function<void()>& overlap)
     : n_points_(n_points), dim_(dim) {
   const int d = dim, d1 = dim + 1;
   const int threads = resolve_threads(num_threads);
@@ -162,7 +192,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   auto owned_table = std::make_unique<LatticeHashTable>(d, static_cast<std::size_t>(n_padded) * 2);
   LatticeHashTable& table = *owned_table;
   point_vertices_.resize(static_cast<std::size_t>(n_points) * d1);
-  with_constant<1, 2, 3, 4, 5, 6>(d, [&](auto kDim) {
+  auto number_vertices = [&](auto kDim) {
     const int dc = kDim > 0 ? kDim : d, dc1 = dc + 1;  // compile-time constants for d = 1..6
     constexpr int kAhead = 4;
     const std::size_t ring_stride = static_cast<std::size_t>(dc1) * dc;
@@ -191,7 +221,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
       if (p < n_points) std::copy(vertices.begin(), vertices.end(), &point_vertices_[static_cast<std::size_t>(p) * dc1]);
     }
-  });
+  };
+  run_alongside([&] { with_constant<1, 2, 3, 4, 5, 6>(d, number_vertices); }, overlap, threads);
   n_vertices_ = table.size();
   std::vector<int32_t>().swap(rem0);  // each buffer is freed once dead, for the peak memory
   const int m = n_vertices_;

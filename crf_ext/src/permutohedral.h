@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -32,8 +33,12 @@ struct RowShape {
 class Permutohedral {
  public:
   // `features`: n_points x dim floats, point-major. `keep_keys` keeps the vertex keys for
-  // inspection (tests); the filter does not need them.
-  Permutohedral(const float* features, int n_points, int dim, int num_threads, bool keep_keys = false);
+  // inspection (tests); the filter does not need them. `overlap`, if set, is other work that
+  // runs on a second thread during the build's one serial step (numbering the vertices in
+  // first-touch order) when num_threads >= 2, and after that step otherwise; an exception
+  // from it is rethrown once the build is done.
+  Permutohedral(const float* features, int n_points, int dim, int num_threads, bool keep_keys = false,
+                const std::function<void()>& overlap = nullptr);
 
   int dim() const { return dim_; }
   int n_points() const { return n_points_; }
