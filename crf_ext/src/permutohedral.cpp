@@ -185,9 +185,10 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
                           std::equal(&rank[at], &rank[at + d1], &rank[at - d1]);
   }
 
-  // Insert the d+1 vertices of every point in point order, so ids are in first-touch order. The
-  // table outgrows the caches and the loop is bound by memory latency: keys are hashed kAhead
-  // points early and their slots prefetched.
+  // Insert the d+1 vertices of every point in point order, so ids are in first-touch order: the
+  // build's one serial step, beside which `overlap` runs. The table outgrows the caches and the
+  // loop is bound by memory latency: keys are hashed kAhead points early and their slots
+  // prefetched.
   // Sized for M = 2 N vertices without a rehash (BANA's bilateral lattices have 0.6-2 N).
   auto owned_table = std::make_unique<LatticeHashTable>(d, static_cast<std::size_t>(n_padded) * 2);
   LatticeHashTable& table = *owned_table;
