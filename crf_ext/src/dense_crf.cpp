@@ -60,6 +60,25 @@ FloatBuffer lattice_buffer(const Permutohedral& lattice, int stride) {
   return FloatBuffer(new float[lattice.buffer_size(stride)]);
 }
 
+// DenseCRF2D's features exactly as pydensecrf builds them: float pixel index / float std, then,
+// if `image` (RGB, H x W x 3) is given, each channel / rgb_std. n_points x 2, or n_points x 5.
+std::vector<float> pixel_features(int height, int width, float xy_std, const uint8_t* image, float rgb_std) {
+  const int dim = image != nullptr ? 5 : 2;
+  std::vector<float> features(static_cast<std::size_t>(height) * width * dim);
+  for (int y = 0; y < height; ++y) {
+    for (int x = 0; x < width; ++x) {
+      const std::size_t p = static_cast<std::size_t>(y) * width + x;
+      float* f = &features[p * dim];
+      f[0] = static_cast<float>(x) / xy_std;
+      f[1] = static_cast<float>(y) / xy_std;
+      if (image != nullptr) {
+        for (int ch = 0; ch < 3; ++ch) f[2 + ch] = static_cast<float>(image[p * 3 + ch]) / rgb_std;
+      }
+    }
+  }
+  return features;
+}
+
 }  // namespace
 
 PairwiseKernel::PairwiseKernel(const float* features, int n_points, int dim, LabelCompat compat,
@@ -256,38 +275,18 @@ void dense_crf_2d(const uint8_t* image, const float* probs, int height, int widt
   const int n = height * width;
   DenseCrf crf(n, n_labels);
   crf.set_unary_from_probs(probs, 1e-5f, num_threads);
-  // Features exactly as pydensecrf's DenseCRF2D builds them: float pixel index / float std.
+  // One of the threads builds the (small) Gaussian kernel while the bilateral lattice numbers
+  // its vertices, its one serial step (with one thread: right after it). The same bits for any
+  // thread count.
   std::unique_ptr<PairwiseKernel> gaussian;
-  auto build_gaussian = [&](int threads) {  // the position kernel
-    std::vector<float> features(static_cast<std::size_t>(n) * 2);
-    for (int y = 0; y < height; ++y) {
-      for (int x = 0; x < width; ++x) {
-        const std::size_t p = static_cast<std::size_t>(y) * width + x;
-        features[p * 2 + 0] = static_cast<float>(x) / params.pos_xy_std;
-        features[p * 2 + 1] = static_cast<float>(y) / params.pos_xy_std;
-      }
-    }
+  auto build_gaussian = [&] {
+    const std::vector<float> features = pixel_features(height, width, params.pos_xy_std, nullptr, 0.0f);
     gaussian = std::make_unique<PairwiseKernel>(features.data(), n, 2, LabelCompat::potts(params.pos_w),
-                                                Normalization::kSymmetric, threads);
+                                                Normalization::kSymmetric, 1);
   };
-  std::vector<float> features(static_cast<std::size_t>(n) * 5);
-  for (int y = 0; y < height; ++y) {
-    for (int x = 0; x < width; ++x) {
-      const std::size_t p = static_cast<std::size_t>(y) * width + x;
-      features[p * 5 + 0] = static_cast<float>(x) / params.bi_xy_std;
-      features[p * 5 + 1] = static_cast<float>(y) / params.bi_xy_std;
-      for (int ch = 0; ch < 3; ++ch) {
-        features[p * 5 + 2 + ch] = static_cast<float>(image[p * 3 + ch]) / params.bi_rgb_std;
-      }
-    }
-  }
-  // With two threads or more, one of them builds the (small) Gaussian kernel while the bilateral
-  // lattice numbers its vertices, its one serial step. The same bits for any thread count.
-  const bool overlapped = resolve_threads(num_threads) >= 2;
-  if (!overlapped) build_gaussian(num_threads);
-  auto bilateral = std::make_unique<PairwiseKernel>(
-      features.data(), n, 5, LabelCompat::potts(params.bi_w), Normalization::kSymmetric, num_threads,
-      overlapped ? std::function<void()>([&] { build_gaussian(1); }) : nullptr);
+  std::vector<float> features = pixel_features(height, width, params.bi_xy_std, image, params.bi_rgb_std);
+  auto bilateral = std::make_unique<PairwiseKernel>(features.data(), n, 5, LabelCompat::potts(params.bi_w),
+                                                    Normalization::kSymmetric, num_threads, build_gaussian);
   std::vector<float>().swap(features);
   crf.add_kernel(std::move(gaussian));  // pydensecrf's order: the messages are summed in it
   crf.add_kernel(std::move(bilateral));
