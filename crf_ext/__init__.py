@@ -7,7 +7,7 @@
     d = dcrf.DenseCRF2D(w, h, n_labels)
 """
 
-from crf_ext._core import openmp
+from crf_ext._core import cached_bytes, openmp, release_memory
 from crf_ext.api import dense_crf, dense_crf_batch
 from crf_ext.densecrf import (
     CONST_KERNEL,
@@ -26,5 +26,5 @@ from crf_ext.densecrf import (
 __all__ = [
     "CONST_KERNEL", "DIAG_KERNEL", "FULL_KERNEL", "NO_NORMALIZATION", "NORMALIZE_AFTER", "NORMALIZE_BEFORE",
     "NORMALIZE_SYMMETRIC", "DenseCRF", "DenseCRF2D", "KernelType", "NormalizationType", "dense_crf",
-    "dense_crf_batch", "openmp",
+    "cached_bytes", "dense_crf_batch", "openmp", "release_memory",
 ]

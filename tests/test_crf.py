@@ -198,6 +198,26 @@ def test_bitwise_identical_across_runs_threads_and_batch(shared_data):
     assert np.array_equal(batch[1], crf_ext.dense_crf(small, small_probs))
 
 
+def test_reused_buffers_give_the_same_bits(shared_data):
+    """Large buffers are kept between calls uninitialised: a call on reused (dirty) buffers must
+    give what a call on fresh ones gives, and release_memory() must give them all back."""
+    image = load_photo(shared_data, PHOTOS[1])[:300, :400]
+    rng = np.random.default_rng(4)
+    probs = smooth_probs(21, 300, 400, rng)
+    other = np.ascontiguousarray(load_photo(shared_data, PHOTOS[0])[:300, :400])
+    other_probs = smooth_probs(21, 300, 400, rng)
+    crf_ext.release_memory()
+    assert crf_ext.cached_bytes() == 0
+    fresh = crf_ext.dense_crf(image, probs, num_threads=2)
+    if _core.buffer_pool:  # off under AddressSanitizer
+        assert crf_ext.cached_bytes() > 4 * 300 * 400 * 24  # at least one (N, 24) float buffer
+    crf_ext.dense_crf(other, other_probs, num_threads=2)  # leaves other values in the buffers
+    assert np.array_equal(crf_ext.dense_crf(image, probs, num_threads=1), fresh)
+    cached = crf_ext.cached_bytes()
+    assert crf_ext.release_memory() == cached
+    assert crf_ext.cached_bytes() == 0
+
+
 def test_accepts_other_dtypes_and_layouts():
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "dense_crf.h"
 #include "parallel.h"
 
@@ -155,6 +156,11 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "C++ core of crf_ext: permutohedral lattice and mean-field DenseCRF.";
   m.attr("openmp") = crf::have_openmp();
   m.def("max_threads", [] { return crf::resolve_threads(0); });
+  m.attr("buffer_pool") = crf::kBufferPoolEnabled;
+  m.def("cached_bytes", [] { return crf::BufferPool::instance().cached_bytes(); },
+        "Bytes of large buffers kept mapped for reuse by later calls.");
+  m.def("release_memory", [] { return crf::BufferPool::instance().release_cached(); },
+        "Unmaps the buffers kept for reuse; returns their bytes.");
 
   py::class_<crf::Permutohedral>(m, "Lattice")
       .def(py::init([](const CArray<float>& features, int num_threads) {

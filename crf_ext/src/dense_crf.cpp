@@ -52,19 +52,16 @@ void softmax_chunk(const float* __restrict logits, int count, int n_labels, int 
   }
 }
 
-using FloatBuffer = std::unique_ptr<float[]>;
-
-// A lattice value buffer, uninitialised: the splat writes every vertex row, which also leaves
-// the first touch of each page to the thread that writes it.
-FloatBuffer lattice_buffer(const Permutohedral& lattice, int stride) {
-  return FloatBuffer(new float[lattice.buffer_size(stride)]);
+// A lattice value buffer, uninitialised: the splat writes every vertex row.
+PooledArray<float> lattice_buffer(const Permutohedral& lattice, int stride) {
+  return make_pooled_array<float>(lattice.buffer_size(stride));
 }
 
 // DenseCRF2D's features exactly as pydensecrf builds them: float pixel index / float std, then,
 // if `image` (RGB, H x W x 3) is given, each channel / rgb_std. n_points x 2, or n_points x 5.
-std::vector<float> pixel_features(int height, int width, float xy_std, const uint8_t* image, float rgb_std) {
+PooledVector<float> pixel_features(int height, int width, float xy_std, const uint8_t* image, float rgb_std) {
   const int dim = image != nullptr ? 5 : 2;
-  std::vector<float> features(static_cast<std::size_t>(height) * width * dim);
+  PooledVector<float> features(static_cast<std::size_t>(height) * width * dim);
   for (int y = 0; y < height; ++y) {
     for (int x = 0; x < width; ++x) {
       const std::size_t p = static_cast<std::size_t>(y) * width + x;
@@ -88,7 +85,7 @@ PairwiseKernel::PairwiseKernel(const float* features, int n_points, int dim, Lab
       normalization_(normalization) {
   if (normalization_ == Normalization::kNone) return;  // pydensecrf computes a mean norm it never uses
   // The norm is K 1 through the one-channel code path, then pydensecrf's double-precision formula.
-  std::vector<float> ones(n_points, 1.0f);
+  PooledVector<float> ones(n_points, 1.0f);
   norm_.resize(n_points);
   lattice_.filter(ones.data(), 1, norm_.data(), num_threads);
   for (float& n : norm_) {
@@ -161,7 +158,7 @@ void DenseCrf::subtract_message(const PairwiseKernel& kernel, int point, const f
 void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
   const int n_kernels = static_cast<int>(kernels_.size());
-  std::vector<FloatBuffer> values;
+  std::vector<PooledArray<float>> values;
   for (int k = 0; k < n_kernels; ++k) values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
   with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
@@ -197,7 +194,7 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
 
 void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
-  FloatBuffer padded(new float[static_cast<std::size_t>(n) * stride]);
+  PooledArray<float> padded = make_pooled_array<float>(static_cast<std::size_t>(n) * stride);
 #pragma omp parallel num_threads(resolve_threads(num_threads))
   {
     std::vector<float> by_label(static_cast<std::size_t>(kChunk) * c);
@@ -220,7 +217,7 @@ void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads
 
 void DenseCrf::step(float* q, int num_threads) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
-  std::vector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
+  PooledVector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
   for (int p = 0; p < n; ++p) {
     std::copy_n(q + static_cast<std::size_t>(p) * c, c, padded.data() + static_cast<std::size_t>(p) * stride);
   }
@@ -232,12 +229,12 @@ void DenseCrf::step(float* q, int num_threads) const {
 
 double DenseCrf::kl_divergence(const float* q, int num_threads) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
-  std::vector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
+  PooledVector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
   for (int p = 0; p < n; ++p) {
     std::copy_n(q + static_cast<std::size_t>(p) * c, c, padded.data() + static_cast<std::size_t>(p) * stride);
   }
   // Per-point terms summed in point order afterwards: the same bits for any thread count.
-  std::vector<double> per_point(n, 0.0);
+  PooledVector<double> per_point(n, 0.0);
   for (int p = 0; p < n; ++p) {
     for (int l = 0; l < c; ++l) {
       const float ql = padded[static_cast<std::size_t>(p) * stride + l];
@@ -247,7 +244,7 @@ double DenseCrf::kl_divergence(const float* q, int num_threads) const {
   }
   for (const auto& kernel : kernels_) {
     const Permutohedral& lattice = kernel->lattice();
-    std::vector<float> values(lattice.buffer_size(stride), 0.0f);
+    PooledVector<float> values(lattice.buffer_size(stride), 0.0f);
     with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
       {
@@ -280,14 +277,14 @@ void dense_crf_2d(const uint8_t* image, const float* probs, int height, int widt
   // thread count.
   std::unique_ptr<PairwiseKernel> gaussian;
   auto build_gaussian = [&] {
-    const std::vector<float> features = pixel_features(height, width, params.pos_xy_std, nullptr, 0.0f);
+    const PooledVector<float> features = pixel_features(height, width, params.pos_xy_std, nullptr, 0.0f);
     gaussian = std::make_unique<PairwiseKernel>(features.data(), n, 2, LabelCompat::potts(params.pos_w),
                                                 Normalization::kSymmetric, 1);
   };
-  std::vector<float> features = pixel_features(height, width, params.bi_xy_std, image, params.bi_rgb_std);
+  PooledVector<float> features = pixel_features(height, width, params.bi_xy_std, image, params.bi_rgb_std);
   auto bilateral = std::make_unique<PairwiseKernel>(features.data(), n, 5, LabelCompat::potts(params.bi_w),
                                                     Normalization::kSymmetric, num_threads, build_gaussian);
-  std::vector<float>().swap(features);
+  free_storage(features);
   crf.add_kernel(std::move(gaussian));  // pydensecrf's order: the messages are summed in it
   crf.add_kernel(std::move(bilateral));
   crf.inference(params.n_iter, q_out, /*label_major=*/true, num_threads);

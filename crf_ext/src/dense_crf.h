@@ -32,7 +32,7 @@ class PairwiseKernel {
   Permutohedral lattice_;
   LabelCompat compat_;
   Normalization normalization_;
-  std::vector<float> norm_;
+  PooledVector<float> norm_;
 };
 
 class DenseCrf {
@@ -71,7 +71,7 @@ class DenseCrf {
   int n_points_;
   int n_labels_;
   int stride_;
-  std::vector<float> neg_unary_;  // n_points x stride (zero padding): log-probabilities, i.e. -U
+  PooledVector<float> neg_unary_;  // n_points x stride (zero padding): log-probabilities, i.e. -U
   std::vector<std::unique_ptr<PairwiseKernel>> kernels_;
 };
 

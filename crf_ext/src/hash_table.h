@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "buffer_pool.h"
+
 namespace crf {
 
 // Keys are `key_size` int32 coordinates; ids are assigned in insertion order, so inserting the
@@ -23,7 +25,7 @@ class LatticeHashTable {
 
   int size() const { return static_cast<int>(n_keys_); }
   const int32_t* key(int id) const { return keys_.data() + static_cast<std::size_t>(id) * key_size_; }
-  const std::vector<int32_t>& keys() const { return keys_; }
+  const PooledVector<int32_t>& keys() const { return keys_; }
 
   static uint32_t hash(const int32_t* key, int key_size) {
     // A sum of products with one random odd factor per coordinate: the multiplies are
@@ -92,7 +94,7 @@ class LatticeHashTable {
   }
 
   void grow() {
-    std::vector<Slot> old;
+    PooledVector<Slot> old;
     old.swap(slots_);
     slots_.assign(old.size() * 2, Slot{-1, 0});
     mask_ = slots_.size() - 1;
@@ -107,8 +109,8 @@ class LatticeHashTable {
   int key_size_;
   std::size_t n_keys_ = 0;
   std::size_t mask_ = 0;
-  std::vector<Slot> slots_;
-  std::vector<int32_t> keys_;
+  PooledVector<Slot> slots_;
+  PooledVector<int32_t> keys_;
 };
 
 }  // namespace crf

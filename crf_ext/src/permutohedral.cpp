@@ -151,8 +151,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // vector for the padding points of the last group. Reproduce that, so that the vertex set is
   // identical: the extra vertices receive no values and read as zero, like missing ones.
   const int n_padded = (n_points + 3) / 4 * 4;
-  std::vector<int32_t> rem0(static_cast<std::size_t>(n_padded) * d1);
-  std::vector<int8_t> rank(static_cast<std::size_t>(n_padded) * d1);
+  PooledVector<int32_t> rem0(static_cast<std::size_t>(n_padded) * d1);
+  PooledVector<int8_t> rank(static_cast<std::size_t>(n_padded) * d1);
   point_weights_.resize(static_cast<std::size_t>(n_points) * d1);
 
   // Unrolled code for the feature dimensions 1-6 (DenseCRF2D's 2 and 5 among them).
@@ -177,7 +177,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   });
 
   // Neighbouring points often lie in the same simplex, and then share all d+1 vertices.
-  std::vector<uint8_t> same_as_previous(n_padded, 0);
+  PooledVector<uint8_t> same_as_previous(n_padded, 0);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int p = 1; p < n_padded; ++p) {
     const std::size_t at = static_cast<std::size_t>(p) * d1;
@@ -189,8 +189,12 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // build's one serial step, beside which `overlap` runs. The table outgrows the caches and the
   // loop is bound by memory latency: keys are hashed kAhead points early and their slots
   // prefetched.
-  // Sized for M = 2 N vertices without a rehash (BANA's bilateral lattices have 0.6-2 N).
-  auto owned_table = std::make_unique<LatticeHashTable>(d, static_cast<std::size_t>(n_padded) * 2);
+  // Sized for M = 2 N vertices without a rehash for d >= 3 (BANA's bilateral lattices have
+  // 0.9-1.9 N; growing costs a third more insert time), for N / 4 in fewer dimensions, where
+  // neighbouring points share more vertices (0.13 N for BANA's Gaussian kernel; a table for
+  // 2 N would be 32 MB at 1000x750).
+  const std::size_t expected_vertices = d >= 3 ? static_cast<std::size_t>(n_padded) * 2 : n_padded / 4;
+  auto owned_table = std::make_unique<LatticeHashTable>(d, expected_vertices);
   LatticeHashTable& table = *owned_table;
   point_vertices_.resize(static_cast<std::size_t>(n_points) * d1);
   auto number_vertices = [&](auto kDim) {
@@ -225,13 +229,13 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   };
   run_alongside([&] { with_constant<1, 2, 3, 4, 5, 6>(d, number_vertices); }, overlap, threads);
   n_vertices_ = table.size();
-  std::vector<int32_t>().swap(rem0);  // each buffer is freed once dead, for the peak memory
+  free_storage(rem0);  // each buffer is freed once dead, for the peak memory
   const int m = n_vertices_;
 
   // Blur neighbours along axis j: n1 = key - 1 with key[j] + d and n2 = key + 1 with key[j] - d
   // (for j = d only the implied coordinate moves by d); next[j][u] = v when v = n2(u).
-  std::vector<int32_t> next(static_cast<std::size_t>(d1) * m, -1);
-  std::vector<uint8_t> has_previous(static_cast<std::size_t>(d1) * m, 0);
+  PooledVector<int32_t> next(static_cast<std::size_t>(d1) * m, -1);
+  PooledVector<uint8_t> has_previous(static_cast<std::size_t>(d1) * m, 0);
   // The links inside each point's simplex come for free: vertex r + 1 is n2 of vertex r along
   // the axis of the coordinate ranked d - r (and vertex 0 is n2 of vertex d along the axis of
   // the coordinate ranked 0). Simplices that share an edge write the same link: relaxed atomic
@@ -252,7 +256,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
     }
   }
-  std::vector<int8_t>().swap(rank);
+  free_storage(rank);
   // The other links by hash look-ups of n1, which has one answer: each entry has one writer.
 #pragma omp parallel num_threads(threads)
   {
@@ -289,7 +293,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
     });
     resolve();
   }
-  if (keep_keys) keys_ = table.keys();
+  if (keep_keys) keys_.assign(table.keys().begin(), table.keys().end());
   owned_table.reset();
 
   // Chains, axis by axis, in the order of their first vertex; the axes in parallel.
@@ -326,8 +330,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
     }
   }
 
-  std::vector<int32_t>().swap(next);
-  std::vector<uint8_t>().swap(has_previous);
+  free_storage(next);
+  free_storage(has_previous);
 
   // Vertex -> points (CSR), points in increasing order so that the gather sums in pydensecrf's
   // order. Each thread counts and fills its own contiguous range of points; offsets of earlier
@@ -335,13 +339,13 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   vertex_start_.assign(static_cast<std::size_t>(m) + 1, 0);
   vertex_points_.resize(point_vertices_.size());
   vertex_weights_.resize(point_vertices_.size());
-  std::vector<std::vector<int32_t>> offsets(threads);
+  std::vector<PooledVector<int32_t>> offsets(threads);
 #pragma omp parallel num_threads(threads)
   {
     const int t = thread_index(), n_threads = thread_count();
     const int begin = static_cast<int>(static_cast<long long>(n_points) * t / n_threads);
     const int end = static_cast<int>(static_cast<long long>(n_points) * (t + 1) / n_threads);
-    std::vector<int32_t>& mine = offsets[t];
+    PooledVector<int32_t>& mine = offsets[t];
     mine.assign(m, 0);
     for (std::size_t at = static_cast<std::size_t>(begin) * d1; at < static_cast<std::size_t>(end) * d1; ++at) {
       ++mine[point_vertices_[at]];
@@ -372,18 +376,24 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
 }
 
 void Permutohedral::filter(const float* in, int channels, float* out, int num_threads, bool reverse) const {
-  const int stride = padded_channels(channels);
-  std::vector<float> padded(static_cast<std::size_t>(n_points_) * stride, 0.0f);
-  for (int p = 0; p < n_points_; ++p) {
-    std::copy(in + static_cast<std::size_t>(p) * channels, in + static_cast<std::size_t>(p + 1) * channels,
-              padded.begin() + static_cast<std::size_t>(p) * stride);
+  // One channel (the kernel norms) runs unpadded, through the scalar loops: a quarter of the
+  // memory, the same float operations.
+  const int stride = channels == 1 ? 1 : padded_channels(channels);
+  PooledVector<float> padded;
+  if (stride != channels) {
+    padded.assign(static_cast<std::size_t>(n_points_) * stride, 0.0f);
+    for (int p = 0; p < n_points_; ++p) {
+      std::copy(in + static_cast<std::size_t>(p) * channels, in + static_cast<std::size_t>(p + 1) * channels,
+                padded.begin() + static_cast<std::size_t>(p) * stride);
+    }
   }
-  std::vector<float> values(buffer_size(stride), 0.0f);
+  const float* points = stride != channels ? padded.data() : in;
+  PooledVector<float> values(buffer_size(stride), 0.0f);
   const bool alpha_in_weight = channels > 2;
   with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
     {
-      splat<kStride>(padded.data(), stride, nullptr, values.data());
+      splat<kStride>(points, stride, nullptr, values.data());
       blur<kStride>(values.data(), stride, reverse);
       std::vector<float> sliced(stride);
 #pragma omp for schedule(static)

@@ -10,12 +10,13 @@
 #include <utility>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "simd.h"
 
 namespace crf {
 
 // Values per point and per vertex are rows of `stride` floats, stride a multiple of kBlock (the
-// SIMD width the loops are written for). Lattice values are vertex-major, one whole row per
+// SIMD width the loops are written for) or any stride in the scalar loops. Lattice values are vertex-major, one whole row per
 // vertex: the blur and the slice are bound by the latency of scattered row accesses, so one
 // access should bring all channels (blur 1.6x faster than with 8-channel blocks at C = 21 on
 // a machine with an 8 MiB L3).
@@ -47,8 +48,7 @@ class Permutohedral {
   // built with keep_keys.
   const std::vector<int32_t>& keys() const { return keys_; }
 
-  // Floats in a value buffer for `stride` channels (stride a multiple of kBlock): one row per
-  // vertex.
+  // Floats in a value buffer for `stride` channels: one row per vertex.
   std::size_t buffer_size(int stride) const { return static_cast<std::size_t>(stride) * n_vertices_; }
 
   // The three steps of one filter. Each is an OpenMP work-sharing loop: call them from every
@@ -82,18 +82,18 @@ class Permutohedral {
   int n_vertices_ = 0;
   float alpha_;
   // Per point and simplex vertex (n_points x (dim+1)): the vertex and its barycentric weight.
-  std::vector<int32_t> point_vertices_;
-  std::vector<float> point_weights_;
+  PooledVector<int32_t> point_vertices_;
+  PooledVector<float> point_weights_;
   // The transpose (vertex -> points, CSR) so that the splat is a race-free gather per vertex.
-  std::vector<int32_t> vertex_start_;
-  std::vector<int32_t> vertex_points_;
-  std::vector<float> vertex_weights_;
+  PooledVector<int32_t> vertex_start_;
+  PooledVector<int32_t> vertex_points_;
+  PooledVector<float> vertex_weights_;
   // The lattice lines along each axis that hold more than one vertex ("chains"), each as its
   // vertices in order along the axis; a vertex with no neighbour on an axis is in no chain of
   // that axis (its blur there is the identity). Chain c is chain_vertices_[chain_start_[c] ..
   // chain_start_[c+1]); the chains of axis j are axis_chain_[j] .. axis_chain_[j+1].
-  std::vector<int32_t> chain_vertices_;
-  std::vector<int32_t> chain_start_;
+  PooledVector<int32_t> chain_vertices_;
+  PooledVector<int32_t> chain_start_;
   std::vector<int32_t> axis_chain_;
   std::vector<int32_t> keys_;
 };
