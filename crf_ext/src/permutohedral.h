@@ -16,10 +16,10 @@
 namespace crf {
 
 // Values per point and per vertex are rows of `stride` floats, stride a multiple of kBlock (the
-// SIMD width the loops are written for) or any stride in the scalar loops. Lattice values are vertex-major, one whole row per
-// vertex: the blur and the slice are bound by the latency of scattered row accesses, so one
-// access should bring all channels (blur 1.6x faster than with 8-channel blocks at C = 21 on
-// a machine with an 8 MiB L3).
+// SIMD width the loops are written for), or any stride in the scalar loops. Lattice values are
+// vertex-major, one whole row per vertex: the blur and the slice are bound by the latency of
+// scattered row accesses, so one access should bring all channels (blur 1.6x faster than with
+// 8-channel blocks at C = 21 on a machine with an 8 MiB L3).
 constexpr int kBlock = 4;
 
 inline int padded_channels(int channels) { return (channels + kBlock - 1) / kBlock * kBlock; }
