@@ -217,10 +217,7 @@ void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads
 
 void DenseCrf::step(float* q, int num_threads) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
-  PooledVector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
-  for (int p = 0; p < n; ++p) {
-    std::copy_n(q + static_cast<std::size_t>(p) * c, c, padded.data() + static_cast<std::size_t>(p) * stride);
-  }
+  PooledVector<float> padded = padded_rows(q, n, c, stride);
   iterate(padded.data(), 1, num_threads);
   for (int p = 0; p < n; ++p) {
     std::copy_n(padded.data() + static_cast<std::size_t>(p) * stride, c, q + static_cast<std::size_t>(p) * c);
@@ -229,10 +226,7 @@ void DenseCrf::step(float* q, int num_threads) const {
 
 double DenseCrf::kl_divergence(const float* q, int num_threads) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
-  PooledVector<float> padded(static_cast<std::size_t>(n) * stride, 0.0f);
-  for (int p = 0; p < n; ++p) {
-    std::copy_n(q + static_cast<std::size_t>(p) * c, c, padded.data() + static_cast<std::size_t>(p) * stride);
-  }
+  const PooledVector<float> padded = padded_rows(q, n, c, stride);
   // Per-point terms summed in point order afterwards: the same bits for any thread count.
   PooledVector<double> per_point(n, 0.0);
   for (int p = 0; p < n; ++p) {

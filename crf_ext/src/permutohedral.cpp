@@ -103,6 +103,13 @@ void simplex_vertex_keys(const int32_t* __restrict rem0, const int8_t* __restric
   }
 }
 
+// Calls fn(std::integral_constant<int, d>) for the feature dimensions with their own unrolled
+// code (DenseCRF2D's 2 and 5 among them), fn(std::integral_constant<int, 0>) otherwise.
+template <typename Fn>
+void with_dimension(int d, Fn&& fn) {
+  with_constant<1, 2, 3, 4, 5, 6>(d, std::forward<Fn>(fn));
+}
+
 // Runs `main` on this thread and `side` (if any) on a second one when two are available, one
 // after the other otherwise. An exception from `side` is rethrown after both have finished.
 void run_alongside(const std::function<void()>& main, const std::function<void()>& side, int threads) {
@@ -155,8 +162,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   PooledVector<int8_t> rank(static_cast<std::size_t>(n_padded) * d1);
   point_weights_.resize(static_cast<std::size_t>(n_points) * d1);
 
-  // Unrolled code for the feature dimensions 1-6 (DenseCRF2D's 2 and 5 among them).
-  with_constant<1, 2, 3, 4, 5, 6>(d, [&](auto kDim) {
+  with_dimension(d, [&](auto kDim) {
 #pragma omp parallel num_threads(threads)
     {
       SimplexScratch<kDim> s(d);
@@ -227,7 +233,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       if (p < n_points) std::copy(vertices.begin(), vertices.end(), &point_vertices_[static_cast<std::size_t>(p) * dc1]);
     }
   };
-  run_alongside([&] { with_constant<1, 2, 3, 4, 5, 6>(d, number_vertices); }, overlap, threads);
+  run_alongside([&] { with_dimension(d, number_vertices); }, overlap, threads);
   n_vertices_ = table.size();
   free_storage(rem0);  // each buffer is freed once dead, for the peak memory
   const int m = n_vertices_;
@@ -273,7 +279,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
       pending = 0;
     };
-    with_constant<1, 2, 3, 4, 5, 6>(d, [&](auto kDim) {
+    with_dimension(d, [&](auto kDim) {
       const int dc = kDim > 0 ? kDim : d;  // a compile-time constant for d = 1..6
 #pragma omp for schedule(static)
       for (int v = 0; v < m; ++v) {
@@ -380,13 +386,7 @@ void Permutohedral::filter(const float* in, int channels, float* out, int num_th
   // memory, the same float operations.
   const int stride = channels == 1 ? 1 : padded_channels(channels);
   PooledVector<float> padded;
-  if (stride != channels) {
-    padded.assign(static_cast<std::size_t>(n_points_) * stride, 0.0f);
-    for (int p = 0; p < n_points_; ++p) {
-      std::copy(in + static_cast<std::size_t>(p) * channels, in + static_cast<std::size_t>(p + 1) * channels,
-                padded.begin() + static_cast<std::size_t>(p) * stride);
-    }
-  }
+  if (stride != channels) padded = padded_rows(in, n_points_, channels, stride);
   const float* points = stride != channels ? padded.data() : in;
   PooledVector<float> values(buffer_size(stride), 0.0f);
   const bool alpha_in_weight = channels > 2;

@@ -4,6 +4,7 @@
 // barycentric weights, same float operations), so filters match it to the last few bits.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <type_traits>
@@ -23,6 +24,16 @@ namespace crf {
 constexpr int kBlock = 4;
 
 inline int padded_channels(int channels) { return (channels + kBlock - 1) / kBlock * kBlock; }
+
+// n_points rows of `channels` floats copied into rows of `stride` floats, zero padding.
+inline PooledVector<float> padded_rows(const float* in, int n_points, int channels, int stride) {
+  PooledVector<float> padded(static_cast<std::size_t>(n_points) * stride, 0.0f);
+  for (int p = 0; p < n_points; ++p) {
+    std::copy_n(in + static_cast<std::size_t>(p) * channels, channels,
+                padded.data() + static_cast<std::size_t>(p) * stride);
+  }
+  return padded;
+}
 
 // The SIMD registers of one row of kStride floats: kRows vectors of kLanes floats.
 template <int kStride>
