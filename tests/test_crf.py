@@ -218,6 +218,24 @@ def test_reused_buffers_give_the_same_bits(shared_data):
     assert crf_ext.cached_bytes() == 0
 
 
+@pytest.mark.skipif(not _core.buffer_pool, reason="the pool is off under AddressSanitizer")
+def test_repeated_calls_map_no_new_buffers(shared_data):
+    """After a few calls on two images the pool holds a block for every request of further calls
+    on them: they page-fault nothing in afresh (the bound on what it keeps once forced ~50 MB of
+    new mappings per call at 500x375)."""
+    images = [np.ascontiguousarray(load_photo(shared_data, name)[:300, :400]) for name in PHOTOS[:2]]
+    rng = np.random.default_rng(5)
+    probs = [smooth_probs(21, 300, 400, rng) for _ in images]
+    crf_ext.release_memory()
+    for image, p in zip(images * 3, probs * 3):
+        crf_ext.dense_crf(image, p, num_threads=2)
+    mapped = _core.mapped_bytes()
+    for image, p in zip(images * 2, probs * 2):
+        crf_ext.dense_crf(image, p, num_threads=2)
+    assert _core.mapped_bytes() == mapped
+    crf_ext.release_memory()
+
+
 def test_accepts_other_dtypes_and_layouts():
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)

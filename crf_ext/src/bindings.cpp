@@ -161,6 +161,8 @@ PYBIND11_MODULE(_core, m) {
         "Bytes of large buffers kept mapped for reuse by later calls.");
   m.def("release_memory", [] { return crf::BufferPool::instance().release_cached(); },
         "Unmaps the buffers kept for reuse; returns their bytes.");
+  m.def("mapped_bytes", [] { return crf::BufferPool::instance().mapped_bytes(); },
+        "Bytes of all the large buffers ever mapped (a statistic).");
 
   py::class_<crf::Permutohedral>(m, "Lattice")
       .def(py::init([](const CArray<float>& features, int num_threads) {

@@ -52,6 +52,7 @@ void* BufferPool::acquire(std::size_t bytes) {
       base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (base == MAP_FAILED) throw std::bad_alloc();
     }
+    mapped_ += capacity;
     block = Block{base, capacity, 0};
   }
   block.touched = std::max(block.touched, bytes);
@@ -71,11 +72,12 @@ void BufferPool::release(void* base) {
   in_use_touched_ -= block.touched;
   cached_.push_back(block);
   cached_touched_ += block.touched;
+  settled_ = settled_ || in_use_.empty();
   trim_locked();
 }
 
 void BufferPool::trim_locked() {
-  while (!cached_.empty() && cached_touched_ + in_use_touched_ > high_water_) {
+  while (!cached_.empty() && cached_touched_ + in_use_touched_ > resident_limit()) {
     munmap(cached_.front().base, cached_.front().capacity);
     cached_touched_ -= cached_.front().touched;
     cached_.erase(cached_.begin());
@@ -92,12 +94,18 @@ std::size_t BufferPool::release_cached() {
   cached_.clear();
   cached_touched_ = 0;
   high_water_ = in_use_touched_;
+  settled_ = false;  // the next call starts afresh, as a first one
   return released;
 }
 
 std::size_t BufferPool::cached_bytes() {
   std::lock_guard<std::mutex> lock(mutex_);
   return cached_touched_;
+}
+
+std::size_t BufferPool::mapped_bytes() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return mapped_;
 }
 
 }  // namespace crf

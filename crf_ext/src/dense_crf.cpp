@@ -7,6 +7,7 @@
 #include <string>
 
 #include "fast_math.h"
+#include "simd.h"
 #include "parallel.h"
 
 namespace crf {
@@ -16,16 +17,35 @@ namespace {
 // Points per softmax chunk: small enough for L1, long enough to fill the SIMD lanes.
 constexpr int kChunk = 64;
 
+// out[c * out_step + r] = in[r * in_step + c] for r < rows, c < cols: 4 x 4 blocks in
+// registers, the remainders one float at a time.
+void transpose(const float* __restrict in, int rows, int cols, int in_step, float* __restrict out, int out_step) {
+  auto at = [](int row, int col, int step) { return static_cast<std::size_t>(row) * step + col; };
+  const int block_rows = rows / 4 * 4, block_cols = cols / 4 * 4;
+  for (int r = 0; r < block_rows; r += 4) {
+    for (int c = 0; c < block_cols; c += 4) {
+      Floats<4> block[4];
+      for (int i = 0; i < 4; ++i) block[i] = load<4>(in + at(r + i, c, in_step));
+      transpose4(block);
+      for (int i = 0; i < 4; ++i) store<4>(out + at(c + i, r, out_step), block[i]);
+    }
+    for (int c = block_cols; c < cols; ++c) {
+      for (int i = 0; i < 4; ++i) out[at(c, r + i, out_step)] = in[at(r + i, c, in_step)];
+    }
+  }
+  for (int r = block_rows; r < rows; ++r) {
+    for (int c = 0; c < cols; ++c) out[at(c, r, out_step)] = in[at(r, c, in_step)];
+  }
+}
+
 // q[p] = softmax(logits[p]) for `count` <= kChunk points, both point-major with `stride` floats
 // per point (the first n_labels used; q's padding lanes are set to zero). The labels are
-// transposed into `by_label` (n_labels x kChunk) so that every step runs across points in SIMD
+// transposed into `by_label` (stride x kChunk) so that every step runs across points in SIMD
 // lanes while each point still takes pydensecrf's expAndNormalize steps in label order:
 // subtract the max, exponentiate, sum, divide.
 void softmax_chunk(const float* __restrict logits, int count, int n_labels, int stride, float* __restrict by_label,
                    float* __restrict q) {
-  for (int p = 0; p < count; ++p) {
-    for (int l = 0; l < n_labels; ++l) by_label[l * kChunk + p] = logits[static_cast<std::size_t>(p) * stride + l];
-  }
+  transpose(logits, count, stride, stride, by_label, kChunk);
   float top[kChunk], sum[kChunk];
   for (int p = 0; p < count; ++p) top[p] = by_label[p];
   for (int l = 1; l < n_labels; ++l) {
@@ -45,11 +65,8 @@ void softmax_chunk(const float* __restrict logits, int count, int n_labels, int 
     float* __restrict row = by_label + l * kChunk;
     for (int p = 0; p < count; ++p) row[p] /= sum[p];
   }
-  for (int p = 0; p < count; ++p) {
-    float* __restrict out = q + static_cast<std::size_t>(p) * stride;
-    for (int l = 0; l < n_labels; ++l) out[l] = by_label[l * kChunk + p];
-    for (int l = n_labels; l < stride; ++l) out[l] = 0.0f;
-  }
+  std::fill(by_label + n_labels * kChunk, by_label + stride * kChunk, 0.0f);
+  transpose(by_label, stride, count, kChunk, q, stride);
 }
 
 // A lattice value buffer, uninitialised: the splat writes every vertex row.
@@ -163,7 +180,7 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
   with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
     {
-      std::vector<float> logits(static_cast<std::size_t>(kChunk) * stride), by_label(static_cast<std::size_t>(kChunk) * c);
+      std::vector<float> logits(static_cast<std::size_t>(kChunk) * stride), by_label(static_cast<std::size_t>(kChunk) * stride);
       std::vector<float> sliced(stride);
       for (int it = 0; it < n_iter; ++it) {
         // Every splat reads q before any point of q is overwritten below.
@@ -174,7 +191,7 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
           kernels_[k]->lattice().template blur<kStride>(values[k].get(), stride, false);
         }
         // logits = -U - sum_k compat_k(K_k q), in pydensecrf's order, then softmax into q.
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 4)
         for (int start = 0; start < n; start += kChunk) {
           const int count = std::min(kChunk, n - start);
           std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * stride,
@@ -197,7 +214,7 @@ void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads
   PooledArray<float> padded = make_pooled_array<float>(static_cast<std::size_t>(n) * stride);
 #pragma omp parallel num_threads(resolve_threads(num_threads))
   {
-    std::vector<float> by_label(static_cast<std::size_t>(kChunk) * c);
+    std::vector<float> by_label(static_cast<std::size_t>(kChunk) * stride);
 #pragma omp for schedule(static)
     for (int start = 0; start < n; start += kChunk) {
       const int count = std::min(kChunk, n - start);

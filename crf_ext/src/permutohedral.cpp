@@ -382,7 +382,7 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
 }
 
 void Permutohedral::filter(const float* in, int channels, float* out, int num_threads, bool reverse) const {
-  // One channel (the kernel norms) runs unpadded, through the scalar loops: a quarter of the
+  // One channel (the kernel norms) runs unpadded, with its own stride-1 code: a quarter of the
   // memory, the same float operations.
   const int stride = channels == 1 ? 1 : padded_channels(channels);
   PooledVector<float> padded;

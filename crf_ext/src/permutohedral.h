@@ -38,7 +38,7 @@ inline PooledVector<float> padded_rows(const float* in, int n_points, int channe
 // The SIMD registers of one row of kStride floats: kRows vectors of kLanes floats.
 template <int kStride>
 struct RowShape {
-  static constexpr int kLanes = kStride % 8 == 0 ? 8 : 4;
+  static constexpr int kLanes = kStride % 8 == 0 ? 8 : kStride % 4 == 0 ? 4 : 1;
   static constexpr int kRows = kStride / kLanes;
 };
 
@@ -117,10 +117,11 @@ void with_constant(int value, Fn&& fn) {
   if (!listed) fn(std::integral_constant<int, 0>{});
 }
 
-// The strides with their own code: up to 24 channels, VOC's 21 labels included.
+// The strides with their own code: up to 24 channels, VOC's 21 labels included, and 1 for the
+// kernel norms.
 template <typename Fn>
 void with_stride(int stride, Fn&& fn) {
-  with_constant<4, 8, 12, 16, 24>(stride, std::forward<Fn>(fn));
+  with_constant<1, 4, 8, 12, 16, 24>(stride, std::forward<Fn>(fn));
 }
 
 template <int kStride>
@@ -129,7 +130,7 @@ void Permutohedral::splat(const float* in, int stride, const float* point_scale,
     using Shape = RowShape<kStride>;
     constexpr int kLanes = Shape::kLanes, kRows = Shape::kRows;
     using Row = Floats<kLanes>;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 512)
     for (int v = 0; v < n_vertices_; ++v) {
       Row sum[kRows] = {};
       for (int e = vertex_start_[v]; e < vertex_start_[v + 1]; ++e) {
@@ -147,7 +148,7 @@ void Permutohedral::splat(const float* in, int stride, const float* point_scale,
       for (int i = 0; i < kRows; ++i) store<kLanes>(out + i * kLanes, sum[i]);
     }
   } else {
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 512)
     for (int v = 0; v < n_vertices_; ++v) {
       float* __restrict sum = values + static_cast<std::size_t>(v) * stride;
       for (int c = 0; c < stride; ++c) sum[c] = 0.0f;
@@ -195,7 +196,7 @@ void Permutohedral::blur_axis(float* values, int stride, int axis) const {
     using Shape = RowShape<kStride>;
     constexpr int kLanes = Shape::kLanes, kRows = Shape::kRows;
     using Row = Floats<kLanes>;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 64)
     for (int chain = first_chain; chain < last_chain; ++chain) {
       const int begin = starts[chain], end = starts[chain + 1];
       Row prev[kRows] = {}, cur[kRows], next[kRows];
@@ -218,7 +219,7 @@ void Permutohedral::blur_axis(float* values, int stride, int axis) const {
     }
   } else {
     std::vector<float> prev_cur(2 * static_cast<std::size_t>(s));
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided, 64)
     for (int chain = first_chain; chain < last_chain; ++chain) {
       const int begin = starts[chain], end = starts[chain + 1];
       float* __restrict prev = prev_cur.data();  // old values of the previous vertex
