@@ -167,7 +167,11 @@ void DenseCrf::subtract_message(const PairwiseKernel& kernel, int point, const f
   kernel.lattice().template slice_point<kStride>(point, filtered, s, n_labels_ > 2, sliced);
   if (const float* post = kernel.post_scale()) {
     const float scale = post[point];
-    for (int l = 0; l < s; ++l) sliced[l] *= scale;
+    if constexpr (kStride > 0) {
+      for_rows<kStride>([&](int at, auto lanes) { store<lanes>(sliced + at, load<lanes>(sliced + at) * scale); });
+    } else {
+      for (int l = 0; l < s; ++l) sliced[l] *= scale;
+    }
   }
   kernel.compat().template subtract<kStride>(sliced, s, logits);
 }

@@ -45,11 +45,24 @@ class LabelCompat {
     switch (kind_) {
       case Kind::kPotts: {
         const float minus_w = -weights_[0];
-        for (int l = 0; l < s; ++l) logits[l] -= minus_w * filtered[l];
+        if constexpr (kStride > 0) {  // row by row, as the slice stored `filtered` (store forwarding)
+          for_rows<kStride>([&](int at, auto lanes) {
+            store<lanes>(logits + at, load<lanes>(logits + at) - minus_w * load<lanes>(filtered + at));
+          });
+        } else {
+          for (int l = 0; l < s; ++l) logits[l] -= minus_w * filtered[l];
+        }
         break;
       }
       case Kind::kDiagonal:
-        for (int l = 0; l < s; ++l) logits[l] -= weights_[l] * filtered[l];
+        if constexpr (kStride > 0) {
+          for_rows<kStride>([&](int at, auto lanes) {
+            store<lanes>(logits + at,
+                         load<lanes>(logits + at) - load<lanes>(&weights_[at]) * load<lanes>(filtered + at));
+          });
+        } else {
+          for (int l = 0; l < s; ++l) logits[l] -= weights_[l] * filtered[l];
+        }
         break;
       case Kind::kMatrix:
         if constexpr (kStride > 0) {

@@ -42,6 +42,15 @@ struct RowShape {
   static constexpr int kRows = kStride / kLanes;
 };
 
+// Calls fn(at, std::integral_constant<int, kLanes>) for the kRows vectors of a row of kStride
+// floats, `at` the first float of each. A row written one way and read back another (16-float
+// loads over 8-float stores) misses the store-to-load forwarding and stalls.
+template <int kStride, typename Fn>
+inline void for_rows(Fn&& fn) {
+  using Shape = RowShape<kStride>;
+  for (int i = 0; i < Shape::kRows; ++i) fn(i * Shape::kLanes, std::integral_constant<int, Shape::kLanes>{});
+}
+
 class Permutohedral {
  public:
   // `features`: n_points x dim floats, point-major. `keep_keys` keeps the vertex keys for
