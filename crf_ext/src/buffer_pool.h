@@ -4,8 +4,8 @@
 // call instead. The pool's resident memory (cached and in use) never exceeds the most it ever
 // had in use at once during the first call, and 5/4 of that afterwards: with no slack, the next
 // call's requests, which come in a different order than the blocks were freed, found no fitting
-// block, and a quarter of a call's buffers were unmapped and faulted in again on every call
-// (50 MB at 500x375 C=21). release_cached() returns the cached part.
+// block, and ~50 MB of buffers were unmapped and faulted in again on every call (500x375,
+// C=21). release_cached() returns the cached part.
 #pragma once
 
 #include <cstddef>
