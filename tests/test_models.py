@@ -185,6 +185,22 @@ def test_max_pool_matches_torch(size, stride, ceil):
     np.testing.assert_array_equal(layers.max_pool(jnp.asarray(x), 3, stride, 1, ceil_mode=ceil), nhwc(theirs))
 
 
+@pytest.mark.parametrize("size", [(7, 9), (8, 12), (13, 13)])
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (5, 2, 1), (3, 2, 1), (3, 1, 4), (5, 1, 2)])
+def test_depthwise_conv_matches_torch_grouped_conv(size, kernel, stride, dilation):
+    """Shift-and-add depthwise conv == torch's grouped conv after TF "SAME" padding, and its
+    output size is ceil(size / stride) like TF."""
+    x = images((2, *size), seed=kernel + stride)
+    conv = layers.DepthwiseConv(3, kernel, stride=stride, dilation=dilation, rngs=nnx.Rngs(0))
+    kernel_t = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())  # (C, 1, k, k)
+    pads = [layers.same_padding(n, kernel, stride, dilation) for n in size]
+    padded = torch.nn.functional.pad(torch_in(x), (*pads[1], *pads[0]))
+    theirs = torch.nn.functional.conv2d(padded, kernel_t, stride=stride, dilation=dilation, groups=3)
+    ours = np.asarray(conv(jnp.asarray(x)))
+    assert ours.shape == (2, -(-size[0] // stride), -(-size[1] // stride), 3)
+    assert rel_diff(ours, nhwc(theirs)) <= 1e-6
+
+
 def test_channel_dropout_drops_whole_channels():
     """Dropout2d semantics: per (sample, channel) keep-or-drop shared over H, W; kept x 2."""
     dropout = layers.channel_dropout(0.5, nnx.Rngs(dropout=3))

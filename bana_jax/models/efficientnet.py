@@ -89,12 +89,11 @@ def block_plan(output_stride: int = 8):
     return plan
 
 
-def _conv(in_ch, out_ch, kernel, *, stride=1, dilation=1, groups=1, dtype, rngs) -> nnx.Conv:
+def _conv(in_ch, out_ch, kernel, *, stride=1, dtype, rngs) -> nnx.Conv:
     """Bias-free conv with TF "SAME" padding (lax computes it from the traced input size)."""
     return nnx.Conv(
         in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride), padding="SAME",
-        kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=False,
-        kernel_init=layers.he_normal, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        use_bias=False, kernel_init=layers.he_normal, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 class MBConv(nnx.Module):
@@ -109,8 +108,8 @@ class MBConv(nnx.Module):
             self.expand_bn = layers.BatchNorm(mid, dtype=dtype, **bn_kwargs)
         else:
             self.expand_conv = self.expand_bn = None
-        self.depthwise_conv = _conv(mid, mid, kernel, stride=stride, dilation=dilation, groups=mid,
-                                    dtype=dtype, rngs=rngs)
+        self.depthwise_conv = layers.DepthwiseConv(mid, kernel, stride=stride, dilation=dilation,
+                                                   dtype=dtype, rngs=rngs)
         self.depthwise_bn = layers.BatchNorm(mid, dtype=dtype, **bn_kwargs)
         self.project_conv = _conv(mid, out_ch, 1, dtype=dtype, rngs=rngs)
         self.project_bn = layers.BatchNorm(out_ch, dtype=dtype, **bn_kwargs)

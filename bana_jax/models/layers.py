@@ -59,6 +59,45 @@ def conv2d(
     )
 
 
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF "SAME" padding `(before, after)` of one axis: output `ceil(size / stride)`, extra pixel after."""
+    span = (kernel - 1) * dilation + 1
+    total = max((-(-size // stride) - 1) * stride + span - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nnx.Module):
+    """Bias-free depthwise `k x k` conv with TF "SAME" padding on `(B, H, W, C)`.
+
+    The same parameter as `nnx.Conv(C, C, k, feature_group_count=C)` (`kernel` `(k, k, 1, C)`), but
+    computed as a sum of `k * k` shifted, strided slices times per-channel weights: XLA:CPU runs
+    grouped convolutions one channel at a time, and this form is one fused elementwise loop on every
+    backend (the same sums, in a different order).
+    """
+
+    def __init__(self, channels: int, kernel: int, *, stride: int = 1, dilation: int = 1,
+                 kernel_init=he_normal, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (kernel, kernel, 1, channels), jnp.float32))
+        self.size, self.stride, self.dilation, self.dtype = kernel, stride, dilation, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, d = self.size, self.stride, self.dilation
+        height, width = x.shape[1:3]
+        out_h, out_w = -(-height // s), -(-width // s)
+        x = x.astype(self.dtype)
+        x = jnp.pad(x, ((0, 0), same_padding(height, k, s, d), same_padding(width, k, s, d), (0, 0)))
+        weights = self.kernel[...].astype(self.dtype)
+        out = None
+        for i in range(k):
+            for j in range(k):
+                tap = jax.lax.slice(
+                    x, (0, i * d, j * d, 0),
+                    (x.shape[0], i * d + (out_h - 1) * s + 1, j * d + (out_w - 1) * s + 1, x.shape[3]),
+                    (1, s, s, 1)) * weights[i, j, 0]
+                out = tap if out is None else out + tap
+        return out
+
+
 def _pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
     """Output length of a PyTorch pooling window (torch's pooling_output_shape)."""
     span = size + 2 * padding - kernel
