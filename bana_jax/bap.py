@@ -432,20 +432,14 @@ def bap_loss(
     map_over_images: bool = False,
     precision: Any = HIGHEST,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Stage-1 loss: softmax cross-entropy averaged over foreground and valid background vectors.
-
-    Every valid box gives O_h * O_w foreground vectors labelled with its class; every valid grid
-    cell gives one background vector (class 0). The classifier is a bias-free dot product.
+    """Stage-1 loss: `bap_vectors` classified by `vector_loss`.
 
     Args:
       features `(B, h, w, D)`, bg_mask `(B, S, S)`, boxes `(B, K, 4)` normalised,
       box_labels `(B, K)` int in 1..C-1, box_valid `(B, K)` bool, classifier_weight `(D, C)`;
       keywords as in `bap_vectors`.
     Returns:
-      loss (scalar; 0 when there is no vector) and aux: loss, num_fg, num_bg (vector counts),
-      accuracy, fg_accuracy, bg_accuracy (argmax over all classes, per vector), box_accuracy (per
-      valid box, argmax of the window-averaged logits over foreground classes), num_boxes,
-      bap_fraction (images pooled with BAP).
+      as `vector_loss`.
     """
     _check_inputs(features, bg_mask, boxes, box_valid)
     d = features.shape[-1]
@@ -462,14 +456,40 @@ def bap_loss(
         grid_size=grid_size, pooling=pooling, bg_threshold=bg_threshold, roi_output=roi_output,
         max_roi_hw=max_roi_hw, map_over_images=map_over_images, precision=precision,
     )
-    fg_logits = classify(vec["fg_vectors"], classifier_weight, precision=precision)
-    bg_logits = classify(vec["bg_vectors"], classifier_weight, precision=precision)
+    return vector_loss(vec, box_labels, box_valid, classifier_weight, precision=precision)
+
+
+def vector_loss(
+    vectors: dict[str, jax.Array],
+    box_labels: jax.Array,
+    box_valid: jax.Array,
+    classifier_weight: jax.Array,
+    *,
+    precision: Any = HIGHEST,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Softmax cross-entropy averaged over the foreground and valid background vectors.
+
+    Every valid box gives O_h * O_w foreground vectors labelled with its class; every valid grid
+    cell gives one background vector (class 0). The classifier is a bias-free dot product.
+
+    Args:
+      vectors: `bap_vectors`' fg_vectors `(B, K, R, D)`, bg_vectors `(B, M, D)`, cell_valid
+        `(B, M)`, use_bap `(B,)`; box_labels `(B, K)` int in 1..C-1; box_valid `(B, K)` bool;
+        classifier_weight `(D, C)`.
+    Returns:
+      loss (scalar; 0 when there is no vector) and aux: loss, num_fg, num_bg (vector counts),
+      accuracy, fg_accuracy, bg_accuracy (argmax over all classes, per vector), box_accuracy (per
+      valid box, argmax of the window-averaged logits over foreground classes), num_boxes,
+      bap_fraction (images pooled with BAP).
+    """
+    fg_logits = classify(vectors["fg_vectors"], classifier_weight, precision=precision)
+    bg_logits = classify(vectors["bg_vectors"], classifier_weight, precision=precision)
 
     box_valid = box_valid.astype(bool)
     labels = jnp.where(box_valid, box_labels, 0).astype(jnp.int32)
     fg_targets = jnp.broadcast_to(labels[:, :, None], fg_logits.shape[:3])
     fg_mask = jnp.broadcast_to(box_valid[:, :, None], fg_logits.shape[:3]).astype(jnp.float32)
-    bg_mask_vec = vec["cell_valid"].astype(jnp.float32)
+    bg_mask_vec = vectors["cell_valid"].astype(jnp.float32)
 
     fg_ce = _cross_entropy(fg_logits, fg_targets)
     bg_ce = _cross_entropy(bg_logits, jnp.zeros(bg_logits.shape[:2], jnp.int32))
@@ -490,7 +510,7 @@ def bap_loss(
         "bg_accuracy": bg_correct.sum() / jnp.maximum(num_bg, 1.0),
         "box_accuracy": box_correct / jnp.maximum(num_boxes, 1.0),
         "num_boxes": num_boxes,
-        "bap_fraction": vec["use_bap"].astype(jnp.float32).mean(),
+        "bap_fraction": vectors["use_bap"].astype(jnp.float32).mean(),
     }
     return loss, aux
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax
 
-from bana_jax.data import loader
+from bana_jax.data import loader, sampling
 from bana_jax.data.common import VOC_CLASSES
 
 # The synthetic dataset's two splits are two seeds of the same generator.
@@ -33,6 +33,9 @@ class _Subset:
             raise IndexError(index)
         return self.source[index]
 
+    def box_labels(self, index: int):
+        return sampling.box_labels_of(self.source, index)
+
 
 class _NamedSource:
     """A source whose repr describes what it reads. grain stores `repr(data_source)` in the
@@ -48,6 +51,9 @@ class _NamedSource:
 
     def __getitem__(self, index: int) -> dict:
         return self.source[index]
+
+    def box_labels(self, index: int):
+        return sampling.box_labels_of(self.source, index)
 
     def __repr__(self) -> str:
         return self.description
@@ -150,9 +156,12 @@ def training_batches(config, source=None):
     if abs((1 - lo) - (hi - 1)) > 1e-9:
         raise ValueError(f"data.color_jitter must be symmetric around 1, got {tuple(data.color_jitter)}")
     source = source if source is not None else data_source(config)
+    sampler = None
+    if data.class_balanced:
+        sampler = sampling.ClassBalancedSampler(sampling.image_classes(source), config.train.seed)
     return _JsonStateIterator(iter(loader.make_train_loader(
         source, batch_size=data.batch_size // jax.process_count(), crop_size=data.crop_size,
-        max_boxes=data.max_boxes, seed=config.train.seed, worker_count=data.num_workers,
+        max_boxes=data.max_boxes, seed=config.train.seed, worker_count=data.num_workers, sampler=sampler,
         aug=loader.transforms.AugmentConfig(crop_size=data.crop_size, scale_range=tuple(data.scale_range),
                                             flip_prob=0.5 if data.flip else 0.0, jitter=hi - 1))))
 

@@ -170,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bana: error: {err}", file=sys.stderr)
         return 2
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # force: importing orbax (absl) has already configured the root logger at WARNING.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     import jax
     # The partitionable threefry lowering compiles ~6x slower on the CPU (seconds per random op);
     # the classic one is just as independent of the sharding, so results do not change with it.

@@ -50,6 +50,7 @@ RESULT_JSON = "cam_precision.json"
 CAM_EPS = 1e-12  # added to each box's CAM maximum (the official code's denominator)
 IGNORE = 255
 BOX_BUCKET = 8   # boxes per image are padded to a multiple of this (fewer compiled shapes)
+MIN_CLASS_BOXES = 5  # classes with fewer ground-truth boxes are left out of the class mean
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +174,33 @@ def box_accuracy_on(model, samples, *, grid_size: int, pooling: str, bg_threshol
         predicted = np.asarray(bap.box_predictions(logits))[0, :len(boxes)]
         np.add.at(total, labels, 1)
         np.add.at(correct, labels, (predicted == labels).astype(np.int64))
+    return accuracy_summary(correct, total)
+
+
+def accuracy_summary(correct: np.ndarray, total: np.ndarray) -> dict:
+    """Box accuracy from per-class counts `(C,)`: overall, per class, and the mean over the
+    classes with at least `MIN_CLASS_BOXES` boxes (a class with two boxes says little)."""
     per_class = [float(c / t) if t else None for c, t in zip(correct, total)]
+    counted = [a for a, t in zip(per_class, total) if t >= MIN_CLASS_BOXES]
     return {"accuracy": float(correct.sum() / max(total.sum(), 1)),
             "num_boxes": int(total.sum()), "correct": int(correct.sum()),
-            "per_class": per_class, "per_class_boxes": total.tolist()}
+            "per_class": per_class, "per_class_boxes": total.tolist(),
+            "class_mean": float(np.mean(counted)) if counted else None,
+            "class_mean_min_boxes": MIN_CLASS_BOXES}
+
+
+def format_box_accuracy(accuracy: dict, names) -> str:
+    """The per-class table of `accuracy_summary` (classes with boxes only)."""
+    width = max(len("class"), *(len(n) for n in names))
+    lines = [f"{'class':<{width}}  boxes  accuracy"]
+    for name, value, count in zip(names, accuracy["per_class"], accuracy["per_class_boxes"]):
+        if count:
+            lines.append(f"{name:<{width}}  {count:5d}  {100 * value:7.1f}")
+    lines.append(f"{'all boxes':<{width}}  {accuracy['num_boxes']:5d}  {100 * accuracy['accuracy']:7.1f}")
+    if accuracy["class_mean"] is not None:
+        lines.append(f"mean over classes with >= {accuracy['class_mean_min_boxes']} boxes: "
+                     f"{100 * accuracy['class_mean']:.1f}")
+    return "\n".join(lines)
 
 
 def box_accuracy(model, config, split: str, *, max_images: int = 0) -> dict:

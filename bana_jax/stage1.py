@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from bana_jax import bap, builders
+from bana_jax import bap, builders, stage1_frozen
 from bana_jax.train import mesh as mesh_lib
 from bana_jax.train.config import base_config
 from bana_jax.train.loop import TrainResult, configure_compilation_cache, train_loop
@@ -254,6 +254,34 @@ def train(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
                       stop_after=stop_after)
 
 
+def train_frozen(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
+                 stop_after: int | None = None) -> tuple[TrainResult, nnx.Module, list]:
+    """`model.freeze_backbone`: trains the classifier alone on pooled views of cached backbone
+    features (`bana_jax.stage1_frozen`).
+
+    Returns the train result (its model is the classifier), the labeler (backbone and initial
+    classifier) and the pooled views.
+    """
+    from bana_jax import models
+
+    configure_compilation_cache(config.train.compilation_cache, workdir)
+    mesh = mesh_lib.mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
+    labeler = build_model(config)
+    views, sampler = stage1_frozen.training_views(
+        config, labeler, workdir, loss_options(config), progress=bool(config.train.progress_bar))
+    batches = stage1_frozen.ViewBatches(views, int(config.data.batch_size), int(config.train.seed), sampler)
+
+    def loss_fn(classifier, batch, step):
+        del step
+        loss, aux = bap.vector_loss(batch, batch["box_labels"], batch["box_valid"], classifier.weight)
+        return loss, {key: aux[key] for key in METRIC_KEYS}
+
+    classifier = labeler.classifier
+    result = train_loop(config, workdir, classifier, loss_fn, batches, models.param_group_labels(classifier),
+                        mesh=mesh, stop_after=stop_after)
+    return result, labeler, views
+
+
 def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
          stop_after: int | None = None) -> dict:
     """`bana stage1`: trains (or resumes), exports the labeler, reports GT-box accuracy.
@@ -262,7 +290,11 @@ def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
     a job is cut off; a later call on the same workdir resumes it.
     """
     workdir = Path(workdir)
-    result = train(config, workdir, mesh=mesh, stop_after=stop_after)
+    views = None
+    if config.model.freeze_backbone:
+        result, labeler, views = train_frozen(config, workdir, mesh=mesh, stop_after=stop_after)
+    else:
+        result = train(config, workdir, mesh=mesh, stop_after=stop_after)
     step = int(jax.device_get(result.state.step))
     summary: dict[str, Any] = {"step": step, "num_steps": int(config.train.num_steps),
                                "last_metrics": result.last_metrics}
@@ -271,23 +303,30 @@ def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
                     config.train.num_steps, workdir)
         return summary
 
-    model = result.model()
+    if views is None:
+        model = result.model()
+    else:
+        model, model.classifier = labeler, result.model()
     model.eval()
     export_labeler(model, config, workdir, step)
     logger.info("trained labeler written to %s", workdir / LABELER_DIR)
 
     from bana_jax import evaluate_cams
     from bana_jax.data.common import DataError
-    try:
-        accuracy = evaluate_cams.box_accuracy(model, config, config.eval.split,
-                                              max_images=int(config.eval.max_images))
-    except (OSError, DataError) as err:  # a missing evaluation split must not lose the run
-        logger.warning("no box accuracy: split %r unreadable (%s)", config.eval.split, err)
-        accuracy = None
+    if views is not None:  # frozen backbone: from the training views' own vectors
+        split = "training images, first view"
+        accuracy = stage1_frozen.box_accuracy(model.classifier.weight, views, int(config.model.num_classes))
+    else:
+        split = config.eval.split
+        try:
+            accuracy = evaluate_cams.box_accuracy(model, config, split, max_images=int(config.eval.max_images))
+        except (OSError, DataError) as err:  # a missing evaluation split must not lose the run
+            logger.warning("no box accuracy: split %r unreadable (%s)", split, err)
+            accuracy = None
     if accuracy is not None:
-        logger.info("classification accuracy on ground-truth boxes (%s, %d boxes, %s): %.2f%%",
-                    config.eval.split, accuracy["num_boxes"], config.loss.pooling,
-                    100 * accuracy["accuracy"])
+        logger.info("classification accuracy on ground-truth boxes (%s, %d boxes, %s): %.2f%%\n%s",
+                    split, accuracy["num_boxes"], config.loss.pooling, 100 * accuracy["accuracy"],
+                    evaluate_cams.format_box_accuracy(accuracy, builders.class_names(config)))
     summary["box_accuracy"] = accuracy
     if mesh_lib.is_main_process():
         (workdir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=_json_default))

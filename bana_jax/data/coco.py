@@ -233,6 +233,11 @@ class CocoSource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def box_labels(self, index: int) -> np.ndarray:
+        """Class ids of the boxes of image `index`, from the annotations (no image read)."""
+        return np.asarray([self.category_map[a["category_id"]] for a in self.anns[self.ids[index]]
+                           if self._is_box(a)], np.int32)
+
     def __getitem__(self, index: int) -> dict:
         return load_or_skip(self._load, int(index), len(self), self.skip_bad, self.stats)
 

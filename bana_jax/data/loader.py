@@ -110,13 +110,15 @@ def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
                       seed: int | None = None, num_epochs: int | None = None,
                       worker_count: int | None = None, prefetch: int | None = None,
                       shard_index: int | None = None, shard_count: int | None = None,
-                      aug: transforms.AugmentConfig | None = None) -> grain.DataLoader:
+                      aug: transforms.AugmentConfig | None = None, sampler=None) -> grain.DataLoader:
     """A grain DataLoader of training batches (batching.py layout), `batch_size` per host.
 
     Keyword arguments override the config fields of the same name (`batch_size`, `crop_size`,
     `max_boxes`, `seed`, `num_epochs` (None = forever), `worker_count`, `prefetch` (batches each
     worker buffers), `scale_range`, `flip_prob`, `jitter`). Sharding defaults to
     jax.process_index() / jax.process_count(); each host sees a disjoint part of every epoch.
+    `sampler`: another grain sampler (e.g. `sampling.ClassBalancedSampler`) instead of the
+    epoch-wise shuffle; it is endless, so `num_epochs` does not apply.
     """
     cfg = cfg if cfg is not None else {}
     pick = lambda v, name, default: v if v is not None else _get(cfg, name, default)  # noqa: E731
@@ -133,8 +135,10 @@ def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
             flip_prob=_get(cfg, "flip_prob", 0.5), jitter=_get(cfg, "jitter", 0.5))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sampler = grain.IndexSampler(num_records=len(source), shard_options=_shard(shard_index, shard_count),
-                                 shuffle=True, num_epochs=num_epochs, seed=seed)
+    shard_options = _shard(shard_index, shard_count)
+    if sampler is None:
+        sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options,
+                                     shuffle=True, num_epochs=num_epochs, seed=seed)
     if worker_count:
         # grain's worker processes read absl flags; a program that never parsed them (pytest, a
         # notebook) would fail with UnparsedFlagAccessError.
@@ -145,6 +149,7 @@ def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
     operations = [TrainTransform(aug, max_boxes),
                   grain.Batch(batch_size, drop_remainder=True, batch_fn=batching.collate)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            shard_options=shard_options,
                             worker_count=worker_count, worker_buffer_size=prefetch,
                             read_options=grain.ReadOptions(num_threads=1 if worker_count else 2,
                                                            prefetch_buffer_size=4 * batch_size))

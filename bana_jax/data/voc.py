@@ -120,6 +120,10 @@ class VocSource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def box_labels(self, index: int) -> np.ndarray:
+        """Class ids of the boxes of image `index`, from its XML (no image read)."""
+        return self.annotations[self.ids[index]][1]
+
     def __getitem__(self, index: int) -> dict:
         return load_or_skip(self._load, int(index), len(self), self.skip_bad, self.stats)
 

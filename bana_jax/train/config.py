@@ -26,6 +26,10 @@ data.*  (input pipeline, HELPERS.md batch contract)
   num_workers     data-loading worker threads/processes
   skip_bad        voc/coco: log and skip bad samples (unreadable image, broken annotation entry)
                   instead of stopping at the first (bana_jax.data.common, "Bad input")
+  class_balanced  stage 1: draw each training image for a class drawn uniformly among the classes
+                  with boxes (bana_jax.data.sampling) instead of drawing images uniformly
+  view_sizes      stage 1 with model.freeze_backbone: each image is cached at these long sides,
+                  padded square (and mirrored with data.flip); bana_jax.stage1_frozen
   synthetic_images, synthetic_size   synthetic dataset: number of images and their side
 
 model.*
@@ -40,6 +44,9 @@ model.*
                   and does not update them; scale and bias still train (the official freeze_bn).
                   The stage-1 EfficientNet labeler always trains its BatchNorm.
   dtype           'float32' | 'bfloat16' (computation dtype)
+  freeze_backbone stage 1: the backbone keeps its initial weights (model.init), its features are
+                  cached in WORKDIR/feature_cache and only the classifier trains
+                  (bana_jax.stage1_frozen); data.view_sizes replaces the random crops
 
 optim.*  (SGD, PyTorch semantics: coupled L2, momentum; see bana_jax.train.optim)
   lr, momentum, nesterov
@@ -107,10 +114,11 @@ def base_config() -> ConfigDict:
         name="voc", root="", split="train_aug", images="", annotations="", classes="voc",
         pseudo_labels="", batch_size=20, crop_size=321, scale_range=(0.5, 1.5), flip=True,
         color_jitter=(0.5, 1.5), max_boxes=64, max_images=0, num_workers=4,
-        synthetic_images=0, synthetic_size=0, skip_bad=False))
+        synthetic_images=0, synthetic_size=0, skip_bad=False, class_balanced=False,
+        view_sizes=(321,)))
     c.model = ConfigDict(dict(
         name="vgg16_labeler", init="hed_vgg16", num_classes=21, fc6_dilation=1, dropout=0.5,
-        classifier="dot", freeze_bn=True, dtype="float32"))
+        classifier="dot", freeze_bn=True, dtype="float32", freeze_backbone=False))
     c.optim = ConfigDict(dict(
         lr=1e-3, momentum=0.9, nesterov=False, schedule="step", step_boundaries=(5000,),
         step_gamma=0.1, poly_power=0.9))
@@ -238,6 +246,8 @@ def validate_config(config: ConfigDict) -> ConfigDict:
     check(0 <= given["optim.momentum"] < 1, "optim.momentum", "in [0, 1)")
     check(0 <= given["model.dropout"] < 1, "model.dropout", "in [0, 1)")
     check(given["loss.roi_windows"] in (1, 2), "loss.roi_windows", "1 or 2")
+    check(len(given["data.view_sizes"]) >= 1 and all(s >= 8 for s in given["data.view_sizes"]),
+          "data.view_sizes", "one or more image sizes >= 8")
     for name in ("data.scale_range", "data.color_jitter"):
         value = given[name]
         check(len(value) == 2 and 0 < value[0] <= value[1], name, "(lo, hi) with 0 < lo <= hi")
