@@ -565,6 +565,7 @@ def main(config, workdir) -> dict:
         names = None
     out_dir = Path(config.pseudo.output_dir) if config.pseudo.output_dir else workdir / "pseudo_labels"
     summary = generate_pseudo_labels(labeler, source, config, out_dir, class_names=names,
+                                     baselines=tuple(config.pseudo.baselines),
                                      progress=bool(config.train.progress_bar) and sys.stderr.isatty(),
                                      **_class_weights(labeler, source, names))
     if config.data.name in ("coco", "coco_subset") and jax.process_index() == 0:

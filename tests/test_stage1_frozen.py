@@ -163,7 +163,9 @@ def test_pooled_views_reuse_the_cache_and_recompute_what_changed(cache_dir, tmp_
 
 
 def test_vector_loss_on_pooled_views_is_bap_loss_on_their_features(cache_dir, tmp_path):
-    config = frozen_config(cache_dir, data__view_sizes="(48,)", data__max_boxes=6)
+    # 160-pixel views: 20 x 20 features, so boxes with ROIs of at most 16 cells are pooled on a
+    # smaller ROI grid than the feature map (pooled_view), which must not change the vectors.
+    config = frozen_config(cache_dir, data__view_sizes="(160,)", data__max_boxes=6)
     labeler = stage1.build_model(config)
     source = builders.data_source(config)
     options = stage1.loss_options(config)
@@ -174,7 +176,7 @@ def test_vector_loss_on_pooled_views_is_bap_loss_on_their_features(cache_dir, tm
 
     from bana_jax.data.batching import collate
 
-    network = [stage1_frozen.network_views(source[i], (48,), False)[0][1] for i in range(6)]
+    network = [stage1_frozen.network_views(source[i], (160,), False)[0][1] for i in range(6)]
     stacked = collate(network, max_boxes=6)
     labeler.eval()
     features = labeler(jnp.asarray(stacked["image"]))

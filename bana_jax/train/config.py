@@ -78,6 +78,8 @@ pseudo.*  (stage 2: pseudo-label generation)
   image_bucket    0: the backbone compiles per exact image size (official features); B > 0: images
                   padded to multiples of B pixels, one compilation per bucket (features change
                   near the padding; see bana_jax/stage2.py)
+  baselines       learning-free labels scored beside Y_crf / Y_ret where there is ground truth:
+                  any of 'box_fill', 'grabcut' (GrabCut costs about a second per box on a CPU)
 
 crf.*  (DenseCRF; stage 2 and evaluation)
   iterations, bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std
@@ -136,7 +138,8 @@ def base_config() -> ConfigDict:
         name="nal", tau=20.0, gamma=7.0, weight=0.1, detach_sigma=False))
     c.pseudo = ConfigDict(dict(
         stage1_workdir="", split="train_aug", grid_size=1, bg_threshold=0.99, use_u0=True,
-        pooling="bap", output_dir="", save_visualisations=True, image_bucket=0))
+        pooling="bap", output_dir="", save_visualisations=True, image_bucket=0,
+        baselines=("box_fill", "grabcut")))
     c.crf = ConfigDict(dict(
         iterations=10, bi_w=4.0, bi_xy_std=55.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=3.0))
     c.eval = ConfigDict(dict(
@@ -246,6 +249,8 @@ def validate_config(config: ConfigDict) -> ConfigDict:
     check(0 <= given["optim.momentum"] < 1, "optim.momentum", "in [0, 1)")
     check(0 <= given["model.dropout"] < 1, "model.dropout", "in [0, 1)")
     check(given["loss.roi_windows"] in (1, 2), "loss.roi_windows", "1 or 2")
+    check(set(given["pseudo.baselines"]) <= {"box_fill", "grabcut"}, "pseudo.baselines",
+          "a subset of ('box_fill', 'grabcut')")
     check(len(given["data.view_sizes"]) >= 1 and all(s >= 8 for s in given["data.view_sizes"]),
           "data.view_sizes", "one or more image sizes >= 8")
     for name in ("data.scale_range", "data.color_jitter"):
