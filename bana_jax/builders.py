@@ -174,7 +174,8 @@ def build_labeler(config):
         raise ValueError(f"model.name for stage 1 must be one of {sorted(LABELER_BACKBONES)}, got {config.model.name!r}")
     return models.build_labeler(dict(backbone=LABELER_BACKBONES[config.model.name], num_classes=config.model.num_classes,
                                      dtype=config.model.dtype, seed=config.train.seed,
-                                     fc6_dilation=config.model.fc6_dilation, dropout_rate=config.model.dropout))
+                                     fc6_dilation=config.model.fc6_dilation, dropout_rate=config.model.dropout,
+                                     freeze_bn=config.model.freeze_backbone))
 
 
 def build_deeplab(config):

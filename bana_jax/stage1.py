@@ -256,30 +256,39 @@ def train(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
 
 def train_frozen(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
                  stop_after: int | None = None) -> tuple[TrainResult, nnx.Module, list]:
-    """`model.freeze_backbone`: trains the classifier alone on pooled views of cached backbone
-    features (`bana_jax.stage1_frozen`).
+    """`model.freeze_backbone`: trains the classifier (and `model.trainable_blocks`) on cached
+    views of the frozen backbone's output (`bana_jax.stage1_frozen`).
 
-    Returns the train result (its model is the classifier), the labeler (backbone and initial
-    classifier) and the pooled views.
+    Returns the train result and, when the run finished, the labeler with the trained weights and
+    the training images' first views pooled (for the box accuracy; None otherwise).
     """
     from bana_jax import models
 
     configure_compilation_cache(config.train.compilation_cache, workdir)
     mesh = mesh_lib.mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
     labeler = build_model(config)
-    views, sampler = stage1_frozen.training_views(
-        config, labeler, workdir, loss_options(config), progress=bool(config.train.progress_bar))
+    options = loss_options(config)
+    views, sampler = stage1_frozen.training_views(config, labeler, workdir, options,
+                                                  progress=bool(config.train.progress_bar))
     batches = stage1_frozen.ViewBatches(views, int(config.data.batch_size), int(config.train.seed), sampler)
+    start_block = stage1_frozen.frozen_blocks(config, labeler.backbone)
+    if start_block is None:
+        def loss_fn(classifier, batch, step):
+            del step
+            loss, aux = bap.vector_loss(batch, batch["box_labels"], batch["box_valid"], classifier.weight)
+            return loss, {key: aux[key] for key in METRIC_KEYS}
 
-    def loss_fn(classifier, batch, step):
-        del step
-        loss, aux = bap.vector_loss(batch, batch["box_labels"], batch["box_valid"], classifier.weight)
-        return loss, {key: aux[key] for key in METRIC_KEYS}
-
-    classifier = labeler.classifier
-    result = train_loop(config, workdir, classifier, loss_fn, batches, models.param_group_labels(classifier),
+        trainable = labeler.classifier
+    else:
+        loss_fn = make_loss_fn(config, num_groups=int(mesh.devices.size))
+        trainable = stage1_frozen.TailLabeler(labeler, start_block)
+    result = train_loop(config, workdir, trainable, loss_fn, batches, models.param_group_labels(trainable),
                         mesh=mesh, stop_after=stop_after)
-    return result, labeler, views
+    if int(jax.device_get(result.state.step)) < int(config.train.num_steps):
+        return result, labeler, None
+    nnx.update(trainable, nnx.state(result.model()))  # into the labeler: the layers are shared
+    tail = None if start_block is None else trainable
+    return result, labeler, stage1_frozen.first_views_pooled(views, options, tail)
 
 
 def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
@@ -290,9 +299,8 @@ def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
     a job is cut off; a later call on the same workdir resumes it.
     """
     workdir = Path(workdir)
-    views = None
     if config.model.freeze_backbone:
-        result, labeler, views = train_frozen(config, workdir, mesh=mesh, stop_after=stop_after)
+        result, labeler, first_views = train_frozen(config, workdir, mesh=mesh, stop_after=stop_after)
     else:
         result = train(config, workdir, mesh=mesh, stop_after=stop_after)
     step = int(jax.device_get(result.state.step))
@@ -303,19 +311,16 @@ def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
                     config.train.num_steps, workdir)
         return summary
 
-    if views is None:
-        model = result.model()
-    else:
-        model, model.classifier = labeler, result.model()
+    model = labeler if config.model.freeze_backbone else result.model()
     model.eval()
     export_labeler(model, config, workdir, step)
     logger.info("trained labeler written to %s", workdir / LABELER_DIR)
 
     from bana_jax import evaluate_cams
     from bana_jax.data.common import DataError
-    if views is not None:  # frozen backbone: from the training views' own vectors
+    if config.model.freeze_backbone:  # on the training views
         split = "training images, first view"
-        accuracy = stage1_frozen.box_accuracy(model.classifier.weight, views, int(config.model.num_classes))
+        accuracy = stage1_frozen.box_accuracy(model.classifier.weight, first_views, int(config.model.num_classes))
     else:
         split = config.eval.split
         try:

@@ -120,12 +120,12 @@ def test_feature_cache_hits_misses_and_invalidation(tmp_path):
     assert json.loads((tmp_path / "backbone.json").read_text()) == {"backbone": "backbone-b"}
 
 
-def test_pooled_views_reuse_the_cache_and_recompute_what_changed(cache_dir, tmp_path):
+def test_cached_views_reuse_the_cache_and_recompute_what_changed(cache_dir, tmp_path):
     config = frozen_config(cache_dir)
     labeler = stage1.build_model(config)
     source = builders.data_source(config)
     options = stage1.loss_options(config)
-    first = stage1_frozen.pooled_views(config, labeler, source, tmp_path, options)
+    first = stage1_frozen.cached_views(config, labeler, source, tmp_path, options)
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / stage1_frozen.CACHE_DIR).rglob("*.npy")}
     assert len(files) == len(source) * 4  # two sizes, mirrored or not
     assert [len(v) for v in first] == [4] * len(source)
@@ -140,7 +140,7 @@ def test_pooled_views_reuse_the_cache_and_recompute_what_changed(cache_dir, tmp_
                 sample["image"] = 255 - sample["image"]
             return sample
 
-    second = stage1_frozen.pooled_views(config, labeler, Changed(), tmp_path, options)
+    second = stage1_frozen.cached_views(config, labeler, Changed(), tmp_path, options)
     now = {p: p.stat().st_mtime_ns for p in (tmp_path / stage1_frozen.CACHE_DIR).rglob("*.npy")}
     image2 = str(source[2]["id"])
     unchanged = [p for p in files if not p.name.startswith(image2 + ".")]
@@ -152,7 +152,7 @@ def test_pooled_views_reuse_the_cache_and_recompute_what_changed(cache_dir, tmp_
     assert not np.array_equal(first[2][0]["fg_vectors"], second[2][0]["fg_vectors"])
     # Another backbone (other weights): every view is recomputed.
     other = stage1.build_model(frozen_config(cache_dir, train__seed=7))
-    stage1_frozen.pooled_views(config, other, source, tmp_path, options)
+    stage1_frozen.cached_views(config, other, source, tmp_path, options)
     rewritten = {p: p.stat().st_mtime_ns for p in (tmp_path / stage1_frozen.CACHE_DIR).rglob("*.npy")}
     assert len(rewritten) == len(files) and all(t > now.get(p, -1) for p, t in rewritten.items())
 
@@ -169,8 +169,8 @@ def test_vector_loss_on_pooled_views_is_bap_loss_on_their_features(cache_dir, tm
     labeler = stage1.build_model(config)
     source = builders.data_source(config)
     options = stage1.loss_options(config)
-    views = stage1_frozen.pooled_views(config, labeler, source, tmp_path, options)
-    batch = {k: np.stack([v[0][k] for v in views[:6]]) for k in stage1_frozen.VECTOR_KEYS}
+    views = stage1_frozen.cached_views(config, labeler, source, tmp_path, options)
+    batch = {k: np.stack([v[0][k] for v in views[:6]]) for k in views[0][0]}
     weight = jax.random.normal(jax.random.key(1), labeler.classifier.weight.shape)
     loss, aux = bap.vector_loss(batch, batch["box_labels"], batch["box_valid"], weight)
 
@@ -188,7 +188,7 @@ def test_vector_loss_on_pooled_views_is_bap_loss_on_their_features(cache_dir, tm
 
 
 def test_view_batches_split_over_processes_and_resume():
-    views = [[{k: np.full((1,), 10 * i + j) for k in stage1_frozen.VECTOR_KEYS} for j in range(3)]
+    views = [[{k: np.full((1,), 10 * i + j) for k in ("fg_vectors", "box_valid")} for j in range(3)]
              for i in range(5)]
     whole = stage1_frozen.ViewBatches(views, 4, seed=0, process_index=0, process_count=1)
     halves = [stage1_frozen.ViewBatches(views, 4, seed=0, process_index=p, process_count=2) for p in (0, 1)]
@@ -204,6 +204,26 @@ def test_view_batches_split_over_processes_and_resume():
     np.testing.assert_array_equal(next(resumed)["fg_vectors"], expected)
 
 
+
+def test_view_batches_cut_the_box_axis_to_the_batch_largest_count():
+    def view(count):  # the image holds its box count, to find each row's view
+        valid = np.arange(16) < count
+        return {"image": np.full((2, 2, 1), count, np.float16), "boxes": np.arange(64.0).reshape(16, 4),
+                "box_labels": valid.astype(np.int32), "box_valid": valid}
+
+    widths = set()
+    for seed in range(6):
+        batch = next(stage1_frozen.ViewBatches([[view(c)] for c in (1, 3, 5, 16)], 3, seed=seed))
+        counts = batch["image"][:, 0, 0, 0].astype(int)
+        width = {1: 4, 3: 4, 5: 8, 16: 16}[counts.max()]
+        widths.add(width)
+        assert batch["image"].dtype == np.float32
+        assert batch["boxes"].shape == (3, width, 4) and batch["box_labels"].shape == (3, width)
+        np.testing.assert_array_equal(batch["boxes"][0], np.arange(64.0).reshape(16, 4)[:width])
+        np.testing.assert_array_equal(batch["box_valid"].sum(1), counts)  # only invalid boxes were cut
+    assert len(widths) > 1
+
+
 def test_frozen_stage1_trains_only_the_classifier(cache_dir, tmp_path):
     config = frozen_config(cache_dir, data__class_balanced=True)
     initial = stage1.build_model(config)
@@ -213,9 +233,9 @@ def test_frozen_stage1_trains_only_the_classifier(cache_dir, tmp_path):
     before, after = params(initial), params(trained)
     jax.tree.map(np.testing.assert_array_equal, before["backbone"], after["backbone"])
     # The classifier learned: a lower loss on all training views than its initial weights.
-    views = stage1_frozen.pooled_views(config, trained, builders.data_source(config), tmp_path,
+    views = stage1_frozen.cached_views(config, trained, builders.data_source(config), tmp_path,
                                        stage1.loss_options(config))
-    batch = {k: np.stack([v[k] for per_image in views for v in per_image]) for k in stage1_frozen.VECTOR_KEYS}
+    batch = {k: np.stack([v[k] for per_image in views for v in per_image]) for k in views[0][0]}
     loss = lambda w: float(bap.vector_loss(batch, batch["box_labels"], batch["box_valid"], w)[0])  # noqa: E731
     assert loss(after["classifier"]["kernel"]) < 0.9 * loss(before["classifier"]["kernel"])
     accuracy = summary["box_accuracy"]
@@ -224,3 +244,24 @@ def test_frozen_stage1_trains_only_the_classifier(cache_dir, tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "feature_cache").rglob("*.npy")}
     stage1.main(config, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "feature_cache").rglob("*.npy")} == mtimes
+
+
+def test_trainable_blocks_train_the_last_block_and_the_classifier_only(cache_dir, tmp_path):
+    config = frozen_config(cache_dir, model__name="efficientnet_lite0_labeler", model__init="none",
+                           model__trainable_blocks=1, data__view_sizes="(48,40)", train__num_steps=4,
+                           train__checkpoint_every=0)
+    initial = stage1.build_model(config)
+    summary = stage1.main(config, tmp_path)
+    trained = stage1.load_trained_labeler(tmp_path)
+    before, after = params(initial), params(trained)
+    stats = lambda m: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, stats(initial), stats(trained))
+    last = f"block{initial.backbone.num_blocks - 1}"
+    for name, value in before["backbone"].items():
+        changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), value, after["backbone"][name]))
+        assert any(changed) == (name == last), name
+    assert not np.allclose(before["classifier"]["kernel"], after["classifier"]["kernel"])
+    # The cache holds the last block's input (block 14's 192 channels), one file per view.
+    cached = sorted((tmp_path / "feature_cache").rglob("*.npy"))
+    assert len(cached) == 12 * 4 and np.load(cached[0]).shape[-1] == 192
+    assert summary["box_accuracy"]["num_boxes"] > 0

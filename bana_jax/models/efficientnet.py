@@ -164,16 +164,47 @@ class EfficientNetLite0(nnx.Module):
             self.head_conv = self.head_bn = None
         self.feature_dim = HEAD_CH if include_head else last_ch
 
-    def __call__(self, images: jax.Array, *, return_stages: bool = False):
-        """Features, or with `return_stages` a dict `stem`, `block0`..`block15` (and `head`)."""
+    def __call__(self, images: jax.Array, *, return_stages: bool = False, stop_block: int | None = None):
+        """Features, or with `return_stages` a dict `stem`, `block0`..`block15` (and `head`).
+
+        stop_block=k: only the stem and blocks 0..k-1, whose output `tail(k)` continues.
+        """
         layers.check_images(images)
+        stop = self.num_blocks if stop_block is None else stop_block
+        if not 0 <= stop <= self.num_blocks:
+            raise ValueError(f"stop_block must be in [0, {self.num_blocks}], got {stop_block}")
         x = caffe_bgr_to_lite(images.astype(jnp.float32)).astype(self.dtype)
         x = jax.nn.relu6(self.stem_bn(self.stem_conv(x)))
         stages = {"stem": x}
-        for i in range(self.num_blocks):
+        for i in range(stop):
             x = getattr(self, f"block{i}")(x)
             stages[f"block{i}"] = x
-        if self.head_conv is not None:
+        if stop_block is None and self.head_conv is not None:
             x = jax.nn.relu6(self.head_bn(self.head_conv(x)))
             stages["head"] = x
         return stages if return_stages else x
+
+    def tail(self, start_block: int) -> "Tail":
+        """Blocks `start_block`.. and the head as a module of their own (the same layers, shared):
+        `net.tail(k)(net(images, stop_block=k)) == net(images)`."""
+        if not 0 <= start_block <= self.num_blocks:
+            raise ValueError(f"start_block must be in [0, {self.num_blocks}], got {start_block}")
+        names = [f"block{i}" for i in range(start_block, self.num_blocks)]
+        return Tail({name: getattr(self, name) for name in names}, self.head_conv, self.head_bn)
+
+
+class Tail(nnx.Module):
+    """The last MBConv blocks (and head) of an EfficientNetLite0: `(B, h, w, C_in)` -> features."""
+
+    def __init__(self, blocks: dict[str, MBConv], head_conv=None, head_bn=None):
+        self.block_names = tuple(blocks)
+        for name, block in blocks.items():
+            setattr(self, name, block)
+        self.head_conv, self.head_bn = head_conv, head_bn
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+        if self.head_conv is not None:
+            x = jax.nn.relu6(self.head_bn(self.head_conv(x)))
+        return x

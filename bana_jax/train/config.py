@@ -44,9 +44,12 @@ model.*
                   and does not update them; scale and bias still train (the official freeze_bn).
                   The stage-1 EfficientNet labeler always trains its BatchNorm.
   dtype           'float32' | 'bfloat16' (computation dtype)
-  freeze_backbone stage 1: the backbone keeps its initial weights (model.init), its features are
-                  cached in WORKDIR/feature_cache and only the classifier trains
-                  (bana_jax.stage1_frozen); data.view_sizes replaces the random crops
+  freeze_backbone stage 1: the backbone keeps its initial weights (model.init) and BatchNorm
+                  statistics, its features are cached in WORKDIR/feature_cache and only the
+                  classifier trains (bana_jax.stage1_frozen); data.view_sizes replaces the
+                  random crops
+  trainable_blocks  with freeze_backbone: the last N blocks of the backbone train too, on the
+                  cached input of the first of them (EfficientNet-Lite0; 0 = classifier only)
 
 optim.*  (SGD, PyTorch semantics: coupled L2, momentum; see bana_jax.train.optim)
   lr, momentum, nesterov
@@ -120,7 +123,8 @@ def base_config() -> ConfigDict:
         view_sizes=(321,)))
     c.model = ConfigDict(dict(
         name="vgg16_labeler", init="hed_vgg16", num_classes=21, fc6_dilation=1, dropout=0.5,
-        classifier="dot", freeze_bn=True, dtype="float32", freeze_backbone=False))
+        classifier="dot", freeze_bn=True, dtype="float32", freeze_backbone=False,
+        trainable_blocks=0))
     c.optim = ConfigDict(dict(
         lr=1e-3, momentum=0.9, nesterov=False, schedule="step", step_boundaries=(5000,),
         step_gamma=0.1, poly_power=0.9))
@@ -243,6 +247,7 @@ def validate_config(config: ConfigDict) -> ConfigDict:
                  "loss.grid_size", "pseudo.grid_size", "crf.iterations", "model.fc6_dilation"):
         check(given[name] >= 1, name, "an integer >= 1")
     for name in ("data.max_images", "data.num_workers", "train.checkpoint_every", "eval.size_bucket",
+                 "model.trainable_blocks",
                  "pseudo.image_bucket", "data.synthetic_images", "data.synthetic_size"):
         check(given[name] >= 0, name, "an integer >= 0")
     check(given["optim.lr"] > 0, "optim.lr", "> 0")
