@@ -344,7 +344,7 @@ class Unaries(NamedTuple):
 
 
 def _unaries(features, geom, boxes_px, box_channel, channel_weights, channel_has_weight,
-             channel_valid, bg_threshold, temperature, *, use_bg_unary, fast):
+             channel_valid, *, use_bg_unary, fast):
     num_channels = channel_weights.shape[1]
     ops = _ops(features, geom, fast)
     pixel_valid = geom.pixel_rows[:, None] & geom.pixel_cols[None, :]
@@ -359,7 +359,7 @@ def _unaries(features, geom, boxes_px, box_channel, channel_weights, channel_has
     bg_proto = ops.masked_sums(bg_mask[None])[0] / (jnp.sum(bg_mask) + EPS_DENOM)
     attention = _relu_cosines(ops, bg_proto[:, None])[0]
     attention = jnp.where(pixel_valid, attention, 0.0)
-    kept = jnp.where(attention < bg_threshold * jnp.max(attention), 0.0, attention)
+    kept = jnp.where(attention < BG_THRESHOLD * jnp.max(attention), 0.0, attention)
     inside_value = kept if use_bg_unary else jnp.zeros_like(kept)  # ablation: constant 0 logit
     bg_unary = jnp.where(inside, inside_value, 1.0)
 
@@ -380,7 +380,7 @@ def _unaries(features, geom, boxes_px, box_channel, channel_weights, channel_has
     unseen_unary = jnp.where(class_masks[1:], 1.0 - bg_unary[None], 0.0)
     class_unary = jnp.where(channel_has_weight[1:, None, None], class_unary, unseen_unary)
 
-    logits = jnp.concatenate([bg_unary[None], class_unary], axis=0) / temperature
+    logits = jnp.concatenate([bg_unary[None], class_unary], axis=0)
     logits = jnp.where(channel_valid[:, None, None], logits, -jnp.inf)
     softmax = jax.nn.softmax(logits, axis=0)
     onehot_bg = (jnp.arange(num_channels) == 0).astype(jnp.float32)[:, None, None]
@@ -404,7 +404,6 @@ def _check_features(features, geom):
 
 
 def stage2_unaries(features, geom: Geometry, prepared: PreparedBoxes, *, use_bg_unary: bool = True,
-                   bg_threshold: float = BG_THRESHOLD, temperature: float = 1.0,
                    fast: bool = True) -> Unaries:
     """The CRF input of one image: `[u_0, u_c1, ...]` softmaxed inside boxes, one-hot outside.
 
@@ -414,7 +413,6 @@ def stage2_unaries(features, geom: Geometry, prepared: PreparedBoxes, *, use_bg_
     """
     _check_features(features, geom)
     return _unaries_jit(jnp.asarray(features, jnp.float32), *_as_device_args(geom, prepared),
-                        jnp.float32(bg_threshold), jnp.float32(temperature),
                         use_bg_unary=use_bg_unary, fast=fast)
 
 
@@ -515,7 +513,6 @@ def _pad_to(array, shape, value=0):
 
 def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
                   crf: Callable[[np.ndarray, np.ndarray], np.ndarray], use_bg_unary: bool = True,
-                  bg_threshold: float = BG_THRESHOLD, temperature: float = 1.0,
                   unseen_classes: Sequence[int] = (), fast: bool = True, feature_bucket=None,
                   image_bucket=None, max_boxes: int | None = None, max_classes: int | None = None) -> dict:
     """Y_crf and Y_ret of one image (method.md "Stage 2").
@@ -543,8 +540,7 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
                              unseen_classes=unseen_classes, max_boxes=max_boxes, max_classes=max_classes)
     num_present = len(prepared.classes)
     padded = _pad_to(features, (geom.rows.shape[1], geom.cols.shape[1]))
-    unaries = stage2_unaries(padded, geom, prepared, use_bg_unary=use_bg_unary,
-                             bg_threshold=bg_threshold, temperature=temperature, fast=fast)
+    unaries = stage2_unaries(padded, geom, prepared, use_bg_unary=use_bg_unary, fast=fast)
     probs = np.asarray(unaries.probs)[: 1 + num_present, :height, :width]
     refined = np.asarray(crf(image, np.ascontiguousarray(probs)), np.float32)
     if refined.shape != probs.shape:

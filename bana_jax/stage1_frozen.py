@@ -134,8 +134,10 @@ def cached_views(config, labeler, source, workdir: str | Path, options: dict, *,
     backbone = labeler.backbone
     backbone.eval()
     stop_block = frozen_blocks(config, backbone)
-    cache = FeatureCache(Path(workdir) / CACHE_DIR,
-                         backbone_fingerprint(backbone, repr(config.model.to_dict())))
+    # What the cached tensor depends on besides the weights; the head's fields (classes, dropout)
+    # leave it valid.
+    description = f"{config.model.name} {config.model.dtype} stop_block={stop_block}"
+    cache = FeatureCache(Path(workdir) / CACHE_DIR, backbone_fingerprint(backbone, description))
     graphdef, state = nnx.split(backbone)
     extra = {} if stop_block is None else {"stop_block": stop_block}
     forward = jax.jit(lambda state, image: nnx.merge(graphdef, state)(image[None], **extra)[0])

@@ -150,6 +150,10 @@ def test_cached_views_reuse_the_cache_and_recompute_what_changed(cache_dir, tmp_
         for a, b in zip(first[i], second[i]):
             np.testing.assert_array_equal(a["fg_vectors"], b["fg_vectors"])
     assert not np.array_equal(first[2][0]["fg_vectors"], second[2][0]["fg_vectors"])
+    # Other head fields (dropout, pooling) leave the cache valid.
+    head = frozen_config(cache_dir, model__dropout=0.2, loss__pooling="gap")
+    stage1_frozen.cached_views(head, labeler, Changed(), tmp_path, stage1.loss_options(head))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / stage1_frozen.CACHE_DIR).rglob("*.npy")} == now
     # Another backbone (other weights): every view is recomputed.
     other = stage1.build_model(frozen_config(cache_dir, train__seed=7))
     stage1_frozen.cached_views(config, other, source, tmp_path, options)
