@@ -1,5 +1,6 @@
 """Config files, the schema check, overrides and shrinking."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,15 @@ def test_validate_names_unknown_missing_and_wrong_fields():
     config = base_config()
     config.optim.step_boundaries = (6000, 5000)
     with pytest.raises(ConfigError, match="optim.step_boundaries"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize("field, value", [("crf.bi_rgb_std", 0.0), ("crf.bi_xy_std", -1.0),
+                                          ("crf.pos_xy_std", float("nan")), ("crf.bi_w", float("inf")),
+                                          ("crf.pos_w", float("-inf"))])
+def test_crf_fields_are_checked_at_start(field, value):
+    config = apply_overrides(base_config(), [(field, str(value))])  # as from the command line
+    with pytest.raises(ConfigError, match=re.escape(f"'{field}' = {value!r}: expected a finite number")):
         validate_config(config)
 
 

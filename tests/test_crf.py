@@ -1,6 +1,7 @@
 """crf_ext.dense_crf against pydensecrf, a brute-force Gaussian filter, and its own invariants."""
 
 import json
+import re
 
 import numpy as np
 import pydensecrf.densecrf as pydcrf
@@ -277,6 +278,32 @@ def test_bad_input_is_rejected(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         crf_ext.dense_crf(args.pop("image"), args.pop("probs"), **args)
+
+
+@pytest.mark.parametrize("field, value, features", [
+    ("bi_rgb_std", 1e-7, "colour / bi_rgb_std"), ("bi_rgb_std", 1e-45, "colour / bi_rgb_std"),
+    ("bi_xy_std", 1e-6, "pixel index / bi_xy_std"), ("pos_xy_std", 5e-7, "pixel index / pos_xy_std")])
+def test_tiny_standard_deviations_are_rejected_like_the_densecrf2d_api(field, value, features):
+    """A deviation that pushes a feature past the lattice's bound used to crash (SIGSEGV/SIGBUS);
+    both APIs now refuse the same features with the same bound."""
+    image = np.full_like(IMAGE, 200)
+    stds = dict(bi_xy_std=55.0, bi_rgb_std=3.0, pos_xy_std=3.0)
+    stds[field] = value
+    with pytest.raises(ValueError, match=re.escape(features) + r"\) must be finite with \|value\| <= 1e6"):
+        crf_ext.dense_crf(image, PROBS, **stds)
+    first_bad = 1 if field == "bi_rgb_std" else 0  # IMAGE is black: only its positions can overflow
+    with pytest.raises(ValueError, match=rf"item {first_bad}: .*" + re.escape(features)):
+        crf_ext.dense_crf_batch([IMAGE, image], [PROBS, PROBS], **stds)
+    api = crf_ext.DenseCRF2D(IMAGE.shape[1], IMAGE.shape[0], PROBS.shape[0])
+    with pytest.raises(ValueError, match=r"features must be finite with \|value\| <= 1e6"):
+        if field == "pos_xy_std":
+            api.addPairwiseGaussian(sxy=value, compat=3)
+        else:
+            sxy, srgb = (value, 3.0) if field == "bi_xy_std" else (55.0, value)
+            api.addPairwiseBilateral(sxy=sxy, srgb=srgb, rgbim=image, compat=4)
+    if field == "bi_rgb_std":  # a black image has colour features 0: both accept it
+        np.testing.assert_allclose(crf_ext.dense_crf(IMAGE, PROBS, **stds).sum(0), 1.0, rtol=1e-5)
+        api.addPairwiseBilateral(sxy=55.0, srgb=value, rgbim=IMAGE, compat=4)
 
 
 def test_batch_errors_name_the_item():

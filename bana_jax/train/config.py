@@ -101,6 +101,7 @@ import ast
 import copy
 import difflib
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -251,6 +252,11 @@ def validate_config(config: ConfigDict) -> ConfigDict:
                  "pseudo.image_bucket", "data.synthetic_images", "data.synthetic_size"):
         check(given[name] >= 0, name, "an integer >= 0")
     check(given["optim.lr"] > 0, "optim.lr", "> 0")
+    # The CRF's checks would fail only at the first image (crf_ext.dense_crf has the same ones).
+    for name in ("crf.bi_xy_std", "crf.bi_rgb_std", "crf.pos_xy_std"):
+        check(math.isfinite(given[name]) and given[name] > 0, name, "a finite number > 0")
+    for name in ("crf.bi_w", "crf.pos_w"):
+        check(math.isfinite(given[name]), name, "a finite number")
     check(0 <= given["optim.momentum"] < 1, "optim.momentum", "in [0, 1)")
     check(0 <= given["model.dropout"] < 1, "model.dropout", "in [0, 1)")
     check(given["loss.roi_windows"] in (1, 2), "loss.roi_windows", "1 or 2")

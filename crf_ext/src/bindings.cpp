@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -37,16 +38,32 @@ void check_shape(const py::array& a, std::vector<py::ssize_t> expected, const st
   }
 }
 
-// Features must stay well inside int32 lattice coordinates after elevation.
+// Every lattice feature must stay well inside int32 lattice coordinates after elevation: the one
+// bound both APIs apply (a tiny standard deviation otherwise overflows them).
+constexpr float kMaxFeature = 1e6f;
+
+void require_feature(float value, const std::string& what) {
+  if (!(std::fabs(value) <= kMaxFeature)) {
+    throw std::invalid_argument(what + " must be finite with |value| <= 1e6 (got " + std::to_string(value) + ")");
+  }
+}
+
 void check_features(const CArray<float>& features) {
   require(features.ndim() == 2 && features.shape(0) > 0 && features.shape(1) > 0 && features.shape(1) <= 64,
           "features must be (n_points, dim) with n_points >= 1 and 1 <= dim <= 64");
   const float* f = features.data();
-  for (py::ssize_t i = 0; i < features.size(); ++i) {
-    if (!(std::fabs(f[i]) <= 1e6f)) {
-      throw std::invalid_argument("features must be finite with |value| <= 1e6 (got " + std::to_string(f[i]) + ")");
-    }
-  }
+  for (py::ssize_t i = 0; i < features.size(); ++i) require_feature(f[i], "features");
+}
+
+// The largest features dense_crf_2d computes for `image` (as pixel_features does), against the bound.
+void check_feature_range(const CArray<uint8_t>& image, const crf::CrfParams& p, const std::string& where) {
+  const float far = static_cast<float>(std::max(image.shape(0), image.shape(1)) - 1);
+  uint8_t brightest = 0;
+  const uint8_t* pixels = image.data();
+  for (py::ssize_t i = 0; i < image.size(); ++i) brightest = std::max(brightest, pixels[i]);
+  require_feature(far / p.bi_xy_std, where + "bilateral features (pixel index / bi_xy_std)");
+  require_feature(static_cast<float>(brightest) / p.bi_rgb_std, where + "bilateral features (colour / bi_rgb_std)");
+  require_feature(far / p.pos_xy_std, where + "position features (pixel index / pos_xy_std)");
 }
 
 crf::CrfParams make_params(float bi_w, float bi_xy_std, float bi_rgb_std, float pos_w, float pos_xy_std, int n_iter) {
@@ -75,6 +92,7 @@ py::array_t<float> dense_crf(const CArray<uint8_t>& image, const CArray<float>& 
                              float bi_rgb_std, float pos_w, float pos_xy_std, int n_iter, int num_threads) {
   const auto chw = check_pair(image, probs, "");
   const crf::CrfParams params = make_params(bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std, n_iter);
+  check_feature_range(image, params, "");
   py::array_t<float> out(chw);
   const uint8_t* im = image.data();
   const float* pr = probs.data();
@@ -101,6 +119,7 @@ py::list dense_crf_batch(const py::sequence& images, const py::sequence& probs_l
     probs.push_back(CArray<float>::ensure(probs_list[i]));
     require(ims.back() && probs.back(), "item " + std::to_string(i) + " is not an array");
     shapes.push_back(check_pair(ims.back(), probs.back(), "item " + std::to_string(i) + ": "));
+    check_feature_range(ims.back(), params, "item " + std::to_string(i) + ": ");
     outs.emplace_back(shapes.back());
   }
   std::vector<const uint8_t*> im_ptrs(count);
