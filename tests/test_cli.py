@@ -1,5 +1,7 @@
 """The `bana` command line: override syntax, errors naming the field, help, dispatch."""
 
+import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -8,7 +10,8 @@ import pytest
 
 from bana_jax import cli
 
-VOC_STAGE1 = str(Path(__file__).resolve().parents[1] / "configs" / "voc" / "stage1.py")
+REPO = Path(__file__).resolve().parents[1]
+VOC_STAGE1 = str(REPO / "configs" / "voc" / "stage1.py")
 
 
 def test_print_config_with_overrides_both_syntaxes(capsys, tmp_path):
@@ -97,3 +100,23 @@ def test_compare_torch_takes_its_own_flags(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--arch" in out and "--checkpoint" in out
+
+
+def test_a_run_off_a_terminal_logs_steps_resume_and_summary(tmp_path):
+    """stderr to a file (nohup, SLURM): step lines, 'resumed', and the final summary appear; they
+    used to be swallowed because importing orbax had configured logging at WARNING first."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "bana_jax.cli", "stage1", "--config=configs/demo/stage1.py", "--shrink",
+               f"--workdir={workdir}", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+               f"--config.train.compilation_cache={tmp_path / 'jax_cache'}"]
+    logs = []
+    for steps in (2, 3):  # the second run resumes from the first one's checkpoint
+        log = tmp_path / f"stderr_{steps}.txt"
+        with open(log, "w") as stderr:
+            subprocess.run(command + [f"--config.train.num_steps={steps}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=stderr, check=True, timeout=600)
+        logs.append(log.read_text())
+    assert re.search(r"step 1/2 loss [\d.]+ lr [\d.e+-]+ [\d.]+ img/s ETA", logs[0]), logs[0][-2000:]
+    assert "step 2/2" in logs[0] and "classification accuracy on ground-truth boxes" in logs[0]
+    assert re.search(r"resumed from .* at step 2", logs[1]) and "step 3/3" in logs[1], logs[1][-2000:]
+    assert "\r" not in logs[0] + logs[1]  # no progress bar off a terminal
