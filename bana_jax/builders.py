@@ -175,7 +175,7 @@ def build_labeler(config):
     return models.build_labeler(dict(backbone=LABELER_BACKBONES[config.model.name], num_classes=config.model.num_classes,
                                      dtype=config.model.dtype, seed=config.train.seed,
                                      fc6_dilation=config.model.fc6_dilation, dropout_rate=config.model.dropout,
-                                     freeze_bn=config.model.freeze_backbone))
+                                     vgg_norm=config.model.vgg_norm, freeze_bn=config.model.freeze_backbone))
 
 
 def build_deeplab(config):
@@ -187,7 +187,8 @@ def build_deeplab(config):
     return models.build_deeplab(dict(arch=DEEPLAB_ARCHS[config.model.name], num_classes=config.model.num_classes,
                                      classifier=config.model.classifier, tau=config.loss.tau, dtype=config.model.dtype,
                                      seed=config.train.seed, fc6_dilation=config.model.fc6_dilation,
-                                     dropout_rate=config.model.dropout, freeze_bn=config.model.freeze_bn))
+                                     dropout_rate=config.model.dropout, vgg_norm=config.model.vgg_norm,
+                                     freeze_bn=config.model.freeze_bn))
 
 
 def init_weights(model, config):
@@ -229,14 +230,15 @@ def _backbone_from_stage1(model, workdir: Path):
     """`model` with the backbone weights of the stage-1 labeler trained in `workdir`.
 
     For a network without pretrained weights of its own (the demo's tiny trunk), the box-trained
-    labeler plays the role of the ImageNet init; the architectures must be the same.
+    labeler plays the role of the ImageNet init; the architectures must be the same. BatchNorm
+    running statistics come with the weights (they belong to them).
     """
     from flax import nnx
 
     from bana_jax.stage1 import load_trained_labeler
 
-    source = nnx.state(load_trained_labeler(workdir).backbone, nnx.Param)
-    target = nnx.state(model.backbone, nnx.Param)
+    source = nnx.state(load_trained_labeler(workdir).backbone, (nnx.Param, nnx.BatchStat))
+    target = nnx.state(model.backbone, (nnx.Param, nnx.BatchStat))
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(tree))  # noqa: E731
     if shapes(source) != shapes(target):
         raise ValueError(f"model.init={str(workdir)!r}: the stage-1 labeler's backbone "
