@@ -109,3 +109,32 @@ def test_stage1_init_brings_batch_norm_statistics(tmp_path):
     assert sum("mean" in bn for bn in (copied[n.replace("conv", "bn")] for n in BLOCK_CONVS)) == 13
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(copied)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+
+
+def test_stage1_init_head_copies_the_classifier_only_when_asked(tmp_path):
+    """`model.init_head` starts the stage-3 classifier from the labeler's `w_c`; without it the head
+    keeps its own random init. It needs a stage-1 workdir and a classifier of the same shape."""
+    stage1 = tiny_config("stage1", "batch")
+    labeler = builders.build_labeler(stage1)
+    labeler.classifier.kernel[...] = jnp.asarray(
+        np.random.default_rng(3).normal(size=labeler.classifier.kernel.shape), jnp.float32)
+    export_labeler(labeler, stage1, tmp_path, step=1)
+    stage3 = tiny_config("stage3", "batch")
+    stage3.model.init = str(tmp_path)
+
+    plain = builders.init_weights(builders.build_deeplab(stage3), stage3)
+    assert not np.allclose(np.asarray(plain.classifier.kernel[...]), np.asarray(labeler.classifier.kernel[...]))
+    stage3.model.init_head = True
+    headed = builders.init_weights(builders.build_deeplab(stage3), stage3)
+    np.testing.assert_array_equal(np.asarray(headed.classifier.kernel[...]),
+                                  np.asarray(labeler.classifier.kernel[...]))
+    # The trunk is copied either way.
+    np.testing.assert_array_equal(np.asarray(headed.backbone.conv3_1.kernel[...]),
+                                  np.asarray(plain.backbone.conv3_1.kernel[...]))
+
+    stage3.model.num_classes = 4
+    with pytest.raises(ValueError, match="classifier"):
+        builders.init_weights(builders.build_deeplab(stage3), stage3)
+    stage3.model.init = "none"
+    with pytest.raises(ValueError, match="stage-1 workdir"):
+        builders.init_weights(builders.build_deeplab(stage3), stage3)
