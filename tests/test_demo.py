@@ -6,10 +6,9 @@ measured by bench/demo.py, not here: a shrunken run trains too little to say."""
 import html
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-
-import re
 
 import numpy as np
 import pytest
