@@ -1,5 +1,6 @@
-"""Colour pictures of pseudo labels: palette overlays, boxes, unary heat maps, one panel per image and
-an `index.html` that shows them (stage 2 with `pseudo.save_visualisations`, and the demo).
+"""Colour pictures of pseudo labels and predictions: palette overlays, boxes, unary heat maps, one
+panel per image, an `index.html` that shows them (stage 2 with `pseudo.save_visualisations`, and the
+demo), and training curves as inline SVG (the demo's report).
 
 All images are uint8 RGB `(H, W, 3)`; label maps uint8 class ids `(H, W)` (255 = ignore). Boxes are
 raw-sample boxes: inclusive pixel `[x_min, y_min, x_max, y_max]`.
@@ -110,6 +111,53 @@ def pseudo_label_panel(image, boxes, box_labels, y_crf, y_ret, *, bg_unary=None,
         tiles.append(overlay(image, label))
         titles.append(PANEL_COLUMNS[5])
     return panel(tiles), titles
+
+
+PREDICTION_COLUMNS = ("image", "ground truth", "prediction")
+
+
+def prediction_panel(image, label, prediction) -> tuple[np.ndarray, list[str]]:
+    """One evaluated image: the image, its ground truth and a prediction, both in palette colours
+    (the objects' own colours would blend with an overlay's). Returns the panel `(H, W', 3)` and the
+    column titles."""
+    image = _check_image(image)
+    return panel([image, colorize(label), colorize(prediction)]), list(PREDICTION_COLUMNS)
+
+
+def svg_curve(points: Sequence[tuple[float, float]], *, title: str, x_label: str = "step",
+              width: int = 420, height: int = 180) -> str:
+    """A line plot of `(x, y)` points as an inline `<svg>` element (no plotting library).
+
+    The axes span the data's range (y from its min to its max, labelled at both ends); the curve
+    is one `<polyline>` with a vertex per point, in the order given.
+    """
+    if not points:
+        raise ValueError(f"svg_curve({title!r}) needs at least one point")
+    xs = np.array([p[0] for p in points], np.float64)
+    ys = np.array([p[1] for p in points], np.float64)
+    left, right, top, bottom = 48, 10, 22, 30  # margins: y labels, title, x labels
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def scale(values, lo, hi, size):
+        span = hi - lo
+        return np.full_like(values, size / 2) if span <= 0 else (values - lo) / span * size
+
+    px = left + scale(xs, xs.min(), xs.max(), plot_w)
+    py = top + plot_h - scale(ys, ys.min(), ys.max(), plot_h)
+    vertices = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(px, py))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'role="img" aria-label="{html.escape(title)}">'
+            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>'
+            + _svg_text(left + plot_w / 2, 14, title, "middle")
+            + _svg_text(left - 4, top + 10, f"{ys.max():.3g}")
+            + _svg_text(left - 4, top + plot_h, f"{ys.min():.3g}")
+            + _svg_text(left, height - 8, f"{x_label} {xs.min():g}", "start")
+            + _svg_text(left + plot_w, height - 8, f"{xs.max():g}")
+            + f'<polyline fill="none" stroke="#c03020" stroke-width="1.5" points="{vertices}"/></svg>')
+
+
+def _svg_text(x: float, y: float, text: str, anchor: str = "end") -> str:
+    return f'<text x="{x}" y="{y}" text-anchor="{anchor}" font-size="11">{html.escape(text)}</text>'
 
 
 def write_png(path, rgb, titles: Sequence[str] | None = None) -> None:

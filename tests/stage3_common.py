@@ -34,6 +34,10 @@ def demo_config(pseudo_labels="", cache_dir="", num_steps: int = 30):
     """configs/demo/stage3.py shrunk to 8 images of 48 px, batch 4."""
     config = load_config(REPO / "configs/demo/stage3.py")
     config.data.pseudo_labels = str(pseudo_labels)
+    # From scratch on the plain trunk, as these tests' expectations (what 30 steps learn, how far
+    # from a random init) were set; tests/test_demo.py runs the demo's BatchNorm trunk end to end.
+    config.model.init_head = False
+    config.model.vgg_norm = "none"
     config.data.synthetic_images = 8
     config.data.synthetic_size = SIZE
     config.data.crop_size = SIZE

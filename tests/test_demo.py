@@ -1,16 +1,20 @@
 """`bana demo --shrink` end to end: all four steps on the same synthetic images, the summary
-against the files each stage wrote (scored again in NumPy), the report, a resumed second run."""
+against the files each stage wrote (scored again in NumPy), the report (tables, training curves,
+prediction panels), a resumed second run. Whether the full demo's DeepLab beats box-fill is
+measured by bench/demo.py, not here: a shrunken run trains too little to say."""
 
 import html
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from bana_jax import builders, cli, demo, visualize
+from bana_jax import baselines, builders, cli, demo, visualize
 from bana_jax import io as bio
 from bana_jax.train.config import apply_overrides, load_config, validate_config
 
@@ -18,20 +22,31 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "demo.py"
 
 
-def numpy_miou(folder: Path, source, num_classes: int) -> float:
-    """mIoU (%) of the PNGs `folder/<id>.png` against the source's labels, classes present only."""
+def numpy_ious(predict, source, num_classes: int) -> np.ndarray:
+    """IoU (%) per class of `predict(sample)` against the source's labels, NaN for absent classes."""
     inter, union = np.zeros(num_classes), np.zeros(num_classes)
     for index in range(len(source)):
         sample = source[index]
-        pred = bio.read_label_png(folder / f"{sample['id']}.png")
+        pred = predict(sample)
         label = sample["label"]
         assert pred.shape == label.shape
         valid = label != 255
         for c in range(num_classes):
             inter[c] += np.sum((pred == c) & (label == c) & valid)
             union[c] += np.sum(((pred == c) | (label == c)) & valid)
-    present = union > 0
-    return 100 * float(np.mean(inter[present] / union[present]))
+    with np.errstate(invalid="ignore"):
+        return 100 * inter / union
+
+
+def numpy_miou(folder: Path, source, num_classes: int) -> float:
+    """mIoU (%) of the PNGs `folder/<id>.png` against the source's labels, classes present only."""
+    return float(np.nanmean(numpy_ious(lambda s: bio.read_label_png(folder / f"{s['id']}.png"),
+                                       source, num_classes)))
+
+
+def box_fill_ious(source, num_classes: int) -> np.ndarray:
+    return numpy_ious(lambda s: baselines.box_fill(s["boxes"], s["box_labels"], s["label"].shape),
+                      source, num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +63,7 @@ def demo_run(tmp_path_factory):
 def test_summary_matches_what_the_stages_wrote(demo_run):
     workdir, _ = demo_run
     summary = json.loads((workdir / demo.SUMMARY_JSON).read_text())
-    assert set(summary["miou"]) == {"box_fill", "grabcut", "y_crf", "y_ret", "deeplab"}
+    assert set(summary["miou"]) == {"box_fill", "grabcut", "y_crf", "y_ret", "box_fill_val", "deeplab"}
     assert set(summary["seconds"]) == {"stage1", "stage2", "stage3", "evaluate", "total"}
     assert summary["seconds"]["total"] >= sum(summary["seconds"][s] for s in ("stage1", "stage2", "stage3"))
 
@@ -66,6 +81,18 @@ def test_summary_matches_what_the_stages_wrote(demo_run):
         numpy_miou(pseudo / "baselines" / "grabcut", train, num_classes), abs=1e-6)
     assert summary["miou"]["deeplab"] == pytest.approx(
         numpy_miou(workdir / "stage3" / "predictions" / "val", val, num_classes), abs=1e-6)
+    # Box-fill is scored on the validation images DeepLab is, not on the training ones.
+    fill_val = box_fill_ious(val, num_classes)
+    assert summary["miou"]["box_fill_val"] == pytest.approx(float(np.nanmean(fill_val)), abs=1e-6)
+    assert summary["miou"]["box_fill"] == pytest.approx(float(np.nanmean(box_fill_ious(train, num_classes))), abs=1e-6)
+    deeplab_val = numpy_ious(lambda s: bio.read_label_png(workdir / "stage3" / "predictions" / "val" / f"{s['id']}.png"),
+                             val, num_classes)
+    names = builders.class_names(configs["stage3"])
+    assert sorted(summary["per_class_val"]) == sorted(names)  # JSON keys come back sorted
+    for c, name in enumerate(names):
+        for key, expected in (("deeplab", deeplab_val[c]), ("box_fill_val", fill_val[c])):
+            got = summary["per_class_val"][name][key]
+            assert (got is None) if np.isnan(expected) else got == pytest.approx(expected, abs=1e-6), (name, key)
     # The stage-1 labeler and the stage-3 network have the dataset's classes.
     arch = json.loads((workdir / "stage3" / "deeplab.json").read_text())
     assert arch["model"]["num_classes"] == num_classes == len(train.class_names)
@@ -98,9 +125,93 @@ def test_report_and_table(demo_run):
         # Each panel is shown under its own column titles.
         titles = " | ".join(visualize.read_titles(panel))
         assert f'<p>{html.escape(titles)}</p><img src="{panel.relative_to(workdir).as_posix()}"' in text
-    assert f"{summary['miou']['y_crf']:.1f}" in text
+    for key, title in demo.ROWS:
+        assert f"<tr><td>{html.escape(title)}</td><td>{summary['miou'][key]:.1f}</td></tr>" in text, title
+    # IoU per class on val: a row per class, in class-id order (the JSON's keys are sorted).
+    configs = demo.stage_configs(cli.resolve_config(str(DEMO), [("data.synthetic_size", "48")], shrink=True),
+                                 shrink=True)
+    rows = [f"<tr><td>{name}</td><td>{demo._cell(summary['per_class_val'][name]['deeplab'])}</td>"
+            f"<td>{demo._cell(summary['per_class_val'][name]['box_fill_val'])}</td></tr>"
+            for name in builders.class_names(configs["stage3"])]
+    positions = [text.find(row) for row in rows]
+    assert -1 not in positions and positions == sorted(positions), rows
     table = demo.format_table(summary)
-    assert [line.split()[0] for line in table.splitlines()[1:6]] == ["box-fill", "GrabCut", "Y_crf", "Y_ret", "DeepLab"]
+    assert [line.split()[0] for line in table.splitlines()[1:7]] == [
+        "box-fill", "GrabCut", "Y_crf", "Y_ret", "box-fill", "DeepLab"]
+    assert "box-fill (val)" in table.splitlines()[5]
+
+
+def test_report_shows_predictions_beside_the_ground_truth(demo_run):
+    """The first validation images, each as image | ground truth | the DeepLab's saved prediction."""
+    workdir, _ = demo_run
+    text = (workdir / "index.html").read_text()
+    configs = demo.stage_configs(cli.resolve_config(str(DEMO), [("data.synthetic_size", "48")], shrink=True),
+                                 shrink=True)
+    val = builders.data_source(configs["stage3"], "val", max_images=int(configs["stage3"].eval.max_images))
+    shown = min(demo.REPORT_SCENES, len(val))
+    assert shown >= 2
+    for index in range(shown):
+        sample = val[index]
+        path = workdir / demo.REPORT_DIR / f"{sample['id']}.png"
+        assert f'<img src="{demo.REPORT_DIR}/{sample["id"]}.png">' in text
+        assert visualize.read_titles(path) == list(visualize.PREDICTION_COLUMNS)
+        panel = np.asarray(Image.open(path).convert("RGB"))
+        height, width = sample["label"].shape
+        tiles = [panel[:, i * (width + 4):i * (width + 4) + width] for i in range(3)]
+        assert panel.shape == (height, 3 * width + 2 * 4, 3)
+        prediction = bio.read_label_png(workdir / "stage3" / "predictions" / "val" / f"{sample['id']}.png")
+        np.testing.assert_array_equal(tiles[0], sample["image"])
+        np.testing.assert_array_equal(tiles[1], visualize.colorize(sample["label"]))
+        np.testing.assert_array_equal(tiles[2], visualize.colorize(prediction))
+    assert text.count(f'<img src="{demo.REPORT_DIR}/') == shown
+
+
+def svg_vertices(svg: str) -> np.ndarray:
+    points = re.search(r'<polyline[^>]* points="([^"]*)"', svg).group(1)
+    return np.array([[float(v) for v in pair.split(",")] for pair in points.split()])
+
+
+def test_report_shows_the_training_curves(demo_run):
+    """One curve per stage with a vertex per logged step of its metrics.jsonl, in step order."""
+    workdir, _ = demo_run
+    text = (workdir / "index.html").read_text()
+    svgs = re.findall(r"<svg.*?</svg>", text, flags=re.S)
+    assert len(svgs) == len(demo.CURVES) == 2
+    for svg, (stage, title) in zip(svgs, demo.CURVES):
+        assert html.escape(title) in svg
+        metrics = workdir / stage / "metrics.jsonl"
+        logged = {json.loads(line)["step"] for line in metrics.read_text().splitlines()}
+        curve = demo.read_curve(metrics)
+        assert [step for step, _ in curve] == sorted(logged)
+        vertices = svg_vertices(svg)
+        assert len(vertices) == len(curve) >= 2
+        assert np.all(np.diff(vertices[:, 0]) > 0)
+        # The lowest loss is drawn lowest (the largest y in SVG coordinates).
+        assert np.argmax(vertices[:, 1]) == np.argmin([loss for _, loss in curve])
+
+
+def test_read_curve_keeps_the_last_record_of_a_step(tmp_path):
+    """A resumed run appends to metrics.jsonl and may log a step again."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.0}, {"step": 10, "loss": 2.5, "lr": 1.0},
+             {"step": 30, "lr": 0.1}, {"step": 20, "loss": 1.5}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert demo.read_curve(path) == [(10, 2.5), (20, 1.5)]
+    assert demo.read_curve(tmp_path / "missing.jsonl") == []
+
+
+def test_svg_curve_maps_the_range_onto_the_plot():
+    svg = visualize.svg_curve([(0, 1.0), (50, 3.0), (100, 2.0)], title="loss <a>", width=200, height=100)
+    assert "loss &lt;a&gt;" in svg and svg.startswith("<svg") and svg.endswith("</svg>")
+    vertices = svg_vertices(svg)
+    rect = re.search(r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', svg)
+    left, top, width, height = (float(v) for v in rect.groups())
+    np.testing.assert_allclose(vertices[:, 0], [left, left + width / 2, left + width])
+    np.testing.assert_allclose(vertices[:, 1], [top + height, top, top + height / 2])
+    flat = svg_vertices(visualize.svg_curve([(5, 1.0)], title="one"))
+    assert flat.shape == (1, 2) and np.all(np.isfinite(flat))
+    with pytest.raises(ValueError, match="at least one point"):
+        visualize.svg_curve([], title="none")
 
 
 def test_second_run_resumes(demo_run, capsys):

@@ -246,7 +246,8 @@ def test_cli_stage3_then_evaluate(pseudo_dir, cache_dir, tmp_path):
             f"--config.data.synthetic_size={SIZE}", f"--config.data.crop_size={SIZE}",
             "--config.data.batch_size=8", "--config.train.num_steps=3", "--config.train.log_every=1",
             f"--config.train.compilation_cache={cache_dir}", "--config.eval.max_images=2",
-            "--config.eval.crf=false"]
+            "--config.eval.crf=false",
+            "--config.model.init_head=false"]  # from scratch: no stage-1 workdir to start from
     assert cli.main(["stage3", *args]) == 0
     assert cli.main(["evaluate", *args]) == 0
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

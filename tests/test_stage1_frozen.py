@@ -33,7 +33,10 @@ def frozen_config(cache_dir, **fields):
                  ("data.view_sizes", "(48,32)"), ("data.batch_size", "8"), ("train.num_steps", "30"),
                  ("train.log_every", "10"), ("train.checkpoint_every", "15"),
                  ("model.freeze_backbone", "true"), ("train.compilation_cache", cache_dir),
-                 ("train.progress_bar", "false")]
+                 ("train.progress_bar", "false"),
+                 # The demo's BatchNorm trunk, frozen at a random init, would normalise with
+                 # running statistics that were never estimated: the plain trunk here.
+                 ("model.vgg_norm", "none")]
     overrides += [(name.replace("__", "."), str(value)) for name, value in fields.items()]
     return validate_config(apply_overrides(load_config(DEMO), overrides))
 

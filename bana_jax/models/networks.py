@@ -21,6 +21,7 @@ Model configs (`ml_collections.ConfigDict`, see `labeler_config()` / `deeplab_co
 | `vgg_widths` | VGG block widths; None = VGG16 (tiny: 8, 16, 32, 32, 32) | None |
 | `fc_dim` | VGG fc6/fc7 width; None = 1024 (tiny: 64) | None |
 | `dropout_rate` | channel dropout after fc6/fc7 | 0.5 |
+| `vgg_norm` | VGG trunks: 'none' or 'batch' (BatchNorm after each block conv, see `VGGTrunk`) | 'none' |
 | `resnet_blocks` | bottlenecks per stage | (3, 4, 23, 3) |
 | `resnet_base_width` | ResNet stem width | 64 |
 | `aspp_dim` | ASPP output channels | 256 |
@@ -60,13 +61,15 @@ def make_backbone(
     vgg_widths: Sequence[int] | None = None,
     fc_dim: int | None = None,
     dropout_rate: float = 0.5,
+    vgg_norm: str = "none",
     freeze_bn: bool = False,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
     """A backbone mapping images `(B, H, W, 3)` to `(B, h, w, backbone.feature_dim)`, stride 8.
 
-    `freeze_bn` applies to the EfficientNet-Lite0 BatchNorms (VGG has none)."""
+    `vgg_norm` applies to the VGG trunks ('vgg16', 'tiny'); `freeze_bn` to the EfficientNet-Lite0
+    BatchNorms."""
     if name in ("vgg16", "tiny"):
         tiny = name == "tiny"
         return vgg.VGGTrunk(
@@ -74,9 +77,12 @@ def make_backbone(
             widths=vgg_widths or (vgg.TINY_WIDTHS if tiny else vgg.VGG16_WIDTHS),
             fc_dim=fc_dim or (64 if tiny else 1024),
             dropout_rate=dropout_rate,
+            norm=vgg_norm,
             dtype=dtype,
             rngs=rngs,
         )
+    if vgg_norm != "none":
+        raise ValueError(f"vgg_norm={vgg_norm!r} applies to the VGG trunks only, not to {name!r}")
     if name == "efficientnet_lite0":
         # Output stride 8 (dilated), features = the last MBConv block's 320 channels, without the
         # 1x1 head conv to 1280: stage 2 works on full-resolution (H, W, D) feature maps and its
@@ -136,6 +142,7 @@ class DeepLab(nnx.Module):
         vgg_widths: Sequence[int] | None = None,
         fc_dim: int | None = None,
         dropout_rate: float = 0.5,
+        vgg_norm: str = "none",
         resnet_blocks: Sequence[int] = resnet.RESNET101_BLOCKS,
         resnet_base_width: int = 64,
         aspp_dim: int = 256,
@@ -156,6 +163,8 @@ class DeepLab(nnx.Module):
         self.dtype = dtype
         self.aspp_rates = tuple(aspp_rates)
         if arch == "v2":
+            if vgg_norm != "none":
+                raise ValueError(f"vgg_norm={vgg_norm!r} applies to the VGG trunks only, not to arch 'v2'")
             self.backbone = resnet.ResNetDeepLab(
                 n_blocks=resnet_blocks, base_width=resnet_base_width, bn_momentum=bn_momentum,
                 freeze_bn=freeze_bn, dtype=dtype, rngs=rngs)
@@ -168,7 +177,7 @@ class DeepLab(nnx.Module):
         else:
             self.backbone = make_backbone(
                 "vgg16" if arch == "v1" else arch, fc6_dilation=fc6_dilation,
-                vgg_widths=vgg_widths, fc_dim=fc_dim, dropout_rate=dropout_rate,
+                vgg_widths=vgg_widths, fc_dim=fc_dim, dropout_rate=dropout_rate, vgg_norm=vgg_norm,
                 freeze_bn=freeze_bn, dtype=dtype, rngs=rngs)
             feature_dim = self.backbone.feature_dim
         self.feature_dim = feature_dim
@@ -191,14 +200,14 @@ def labeler_config() -> ml_collections.ConfigDict:
     """Default labeler model config (see the module docstring for the fields)."""
     return ml_collections.ConfigDict(dict(
         backbone="vgg16", num_classes=21, dtype="float32", seed=0, fc6_dilation=1,
-        vgg_widths=None, fc_dim=None, dropout_rate=0.5, freeze_bn=False))
+        vgg_widths=None, fc_dim=None, dropout_rate=0.5, vgg_norm="none", freeze_bn=False))
 
 
 def deeplab_config() -> ml_collections.ConfigDict:
     """Default DeepLab model config (see the module docstring for the fields)."""
     return ml_collections.ConfigDict(dict(
         arch="v1", num_classes=21, classifier="cosine", tau=20.0, dtype="float32", seed=0,
-        fc6_dilation=12, vgg_widths=None, fc_dim=None, dropout_rate=0.5,
+        fc6_dilation=12, vgg_widths=None, fc_dim=None, dropout_rate=0.5, vgg_norm="none",
         resnet_blocks=resnet.RESNET101_BLOCKS, resnet_base_width=64, aspp_dim=256,
         aspp_rates=resnet.ASPP_RATES, bn_momentum=resnet.OFFICIAL_BN_MOMENTUM, freeze_bn=False))
 
@@ -219,8 +228,8 @@ def build_labeler(config: ml_collections.ConfigDict) -> Labeler:
     rngs = _rngs(cfg)
     backbone = make_backbone(
         cfg.backbone, fc6_dilation=cfg.fc6_dilation or 1, vgg_widths=_opt_tuple(cfg.vgg_widths),
-        fc_dim=cfg.fc_dim, dropout_rate=cfg.dropout_rate, freeze_bn=cfg.freeze_bn,
-        dtype=_dtype(cfg.dtype), rngs=rngs)
+        fc_dim=cfg.fc_dim, dropout_rate=cfg.dropout_rate, vgg_norm=cfg.vgg_norm,
+        freeze_bn=cfg.freeze_bn, dtype=_dtype(cfg.dtype), rngs=rngs)
     return Labeler(backbone, cfg.num_classes, rngs=rngs, dtype=cfg.dtype)
 
 
@@ -231,7 +240,7 @@ def build_deeplab(config: ml_collections.ConfigDict) -> DeepLab:
     return DeepLab(
         cfg.arch, cfg.num_classes, classifier=cfg.classifier, tau=cfg.tau,
         fc6_dilation=cfg.fc6_dilation or 12, vgg_widths=_opt_tuple(cfg.vgg_widths),
-        fc_dim=cfg.fc_dim, dropout_rate=cfg.dropout_rate,
+        fc_dim=cfg.fc_dim, dropout_rate=cfg.dropout_rate, vgg_norm=cfg.vgg_norm,
         resnet_blocks=tuple(cfg.resnet_blocks), resnet_base_width=cfg.resnet_base_width,
         aspp_dim=cfg.aspp_dim, aspp_rates=tuple(cfg.aspp_rates), bn_momentum=cfg.bn_momentum,
         freeze_bn=cfg.freeze_bn, dtype=cfg.dtype, rngs=_rngs(cfg))

@@ -35,10 +35,16 @@ data.*  (input pipeline, HELPERS.md batch contract)
 model.*
   name            'vgg16_labeler' | 'deeplab_v1' | 'deeplab_v2' | 'vgg_tiny' |
                   'efficientnet_lite0_labeler' (see bana_jax.models)
-  init            initial weights: 'hed_vgg16' | 'imagenet' | 'none' | path to a weights file
+  init            initial weights: 'hed_vgg16' | 'imagenet' | 'none' | path to a weights file |
+                  a finished stage-1 workdir (stage 3: its labeler's backbone)
+  init_head       stage 3 with init = a stage-1 workdir: the classifier starts from the
+                  labeler's (same classes) instead of N(0, 0.01); the demo's from-scratch trunk
   num_classes     including background (21 for VOC)
   fc6_dilation    1 (stage 1) or 12 (DeepLab-LargeFOV)
   dropout         channel dropout rate after fc6 / fc7
+  vgg_norm        VGG trunks (vgg16_labeler, deeplab_v1, vgg_tiny): 'none' (the official VGG) |
+                  'batch' (BatchNorm after each conv of the five blocks, bana_jax.models.vgg;
+                  the demo's from-scratch tiny trunk)
   classifier      'dot' | 'cosine' (stage 3 head)
   freeze_bn       stage 3 (ResNet-101, EfficientNet-Lite0): BatchNorm uses its running statistics
                   and does not update them; scale and bias still train (the official freeze_bn).
@@ -125,7 +131,7 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         name="vgg16_labeler", init="hed_vgg16", num_classes=21, fc6_dilation=1, dropout=0.5,
         classifier="dot", freeze_bn=True, dtype="float32", freeze_backbone=False,
-        trainable_blocks=0))
+        trainable_blocks=0, vgg_norm="none", init_head=False))
     c.optim = ConfigDict(dict(
         lr=1e-3, momentum=0.9, nesterov=False, schedule="step", step_boundaries=(5000,),
         step_gamma=0.1, poly_power=0.9))
@@ -160,6 +166,7 @@ CHOICES = {
     "data.classes": ("voc", "coco"),
     "model.classifier": ("dot", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.vgg_norm": ("none", "batch"),
     "optim.schedule": ("step", "poly", "constant"),
     "loss.pooling": ("bap", "gap"),
     "loss.name": ("nal", "ce_s", "ce_crf", "ce_ret", "er", "bs"),

@@ -17,6 +17,7 @@ def get_config():
     config.model.name = "vgg_tiny"
     config.model.init = "none"
     config.model.num_classes = 5             # background + the 4 synthetic shapes (as stage 3)
+    config.model.vgg_norm = "batch"          # as stage 1 (the labeler is rebuilt from its labeler.json)
 
     config.pseudo.split = "train"
     config.pseudo.grid_size = 1
