@@ -1,9 +1,12 @@
 """grain loader: shapes, determinism, resumption from a checkpointed position, host sharding."""
 
+import pickle
+
 import numpy as np
 import pytest
 
 from bana_jax.data import loader, synthetic
+from bana_jax.data.common import DataError
 
 CFG = dict(name="synthetic", num_images=12, image_size=40, num_classes=3, batch_size=2,
            crop_size=32, max_boxes=3, seed=7)
@@ -104,3 +107,26 @@ def test_workers_give_the_same_records(source):
             np.testing.assert_array_equal(np.asarray(box), single[r][1])
             seen.append(r)
     assert sorted(seen) == sorted(single)
+
+
+class _Corrupt(_Tagged):
+    """Record 3 fails as a corrupt file does in a reader."""
+
+    def __getitem__(self, i):
+        if i == 3:
+            raise DataError("/data/photos/000003.jpg", "cannot decode the image (truncated JPEG)")
+        return super().__getitem__(i)
+
+
+def test_data_errors_in_workers_reach_the_parent_with_file_and_reason(source):
+    error = pickle.loads(pickle.dumps(DataError("/data/a.jpg", "corrupt")))
+    assert (error.path, error.problem, str(error)) == ("/data/a.jpg", "corrupt", "/data/a.jpg: corrupt")
+    it = iter(loader.make_train_loader(_Corrupt(source), CFG, shard_index=0, shard_count=1, worker_count=1))
+    with pytest.raises(Exception) as caught:
+        _take(it, 6)  # every record of an epoch
+    chain, err = [], caught.value
+    while err is not None:  # grain may wrap the worker's exception
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    assert any(isinstance(e, DataError) and e.path == "/data/photos/000003.jpg"
+               and "truncated JPEG" in str(e) for e in chain), [repr(e) for e in chain]

@@ -51,6 +51,11 @@ class DataError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # Rebuilt from (path, problem), not from the message: errors raised in data-loader
+        # worker processes reach the parent with their file and reason.
+        return type(self), (self.path, self.problem)
+
 
 @dataclass
 class BoxStats:
