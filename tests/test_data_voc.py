@@ -406,6 +406,30 @@ def test_coco_segmentation_needed_only_for_labels(coco_root):
         coco.CocoSource(coco_root)[0]
 
 
+def test_coco_without_usable_boxes_or_images_is_a_clear_error(coco_root, caplog):
+    """Used to train on background only (all boxes degenerate) or to fail in grain's sampler
+    ("Invalid number of records") with no file named."""
+    data = _coco_data()
+    for ann, bbox in zip(data["annotations"], ([1, 1, 0, 4], [1, 1, float("nan"), 4], [20, 0, 3, 3],
+                                               [2, 2, 0, 3])):
+        ann["bbox"] = bbox
+    _write_coco(coco_root, data)
+    with pytest.raises(common.DataError, match=r"instances_train2017\.json: no usable box: all 4 dropped "
+                                               r"\(3 with zero area or not finite, 1 outside their image\)"):
+        coco.CocoSource(coco_root)
+    data = _coco_data()  # a partial drop is a warning, once
+    _write_coco(coco_root, data)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bana_jax.data"):
+        coco.CocoSource(coco_root)
+    assert [r.levelname for r in caplog.records if "boxes: kept" in r.getMessage()] == ["WARNING"]
+    for images, annotations, why in (([], [], "0 image entries"),
+                                     (data["images"], [], "2 image entries, none with a box of the voc20 classes")):
+        _write_coco(coco_root, dict(data, images=images, annotations=annotations))
+        with pytest.raises(common.DataError, match=r"instances_train2017\.json: no usable image: " + why):
+            coco.CocoSource(coco_root)
+
+
 def test_coco_broken_category_table_always_fails(coco_root):
     data = _coco_data()
     del data["categories"][1]["id"]

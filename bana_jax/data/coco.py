@@ -183,9 +183,17 @@ class CocoSource:
         ids = sorted(self.images)
         if require_boxes:
             ids = [i for i in ids if any(self._is_box(a) for a in self.anns[i])]
+        if not ids:
+            raise DataError(self.annotation_file, f"no usable image: {len(self.images)} image entries"
+                            + (f", none with a box of the {category_set} classes" if require_boxes else ""))
         self.ids = ids
         self._audit_boxes()
         self.audit.log_summary(f"COCO {self.annotation_file} ({len(self.ids)} images):")
+        if require_boxes and self.audit.kept == 0:
+            raise DataError(self.annotation_file, (
+                f"no usable box: all {self.audit.dropped_empty + self.audit.dropped_outside} dropped "
+                f"({self.audit.dropped_empty} with zero area or not finite, "
+                f"{self.audit.dropped_outside} outside their image)"))
 
     def _bad_entry(self, problem: str) -> None:
         skip_or_raise(DataError(self.annotation_file, problem), self.skip_bad, self.audit)

@@ -71,11 +71,13 @@ class BoxStats:
     skipped_samples: list = field(default_factory=list)
 
     def log_summary(self, name: str = "") -> None:
-        log.info("%s boxes: kept %d, clipped %d, dropped (zero area) %d, dropped (outside) %d%s; "
-                 "skipped samples %d", name, self.kept, self.clipped, self.dropped_empty,
-                 self.dropped_outside,
-                 f", not checked (image size unknown) {self.unchecked}" if self.unchecked else "",
-                 len(self.skipped_samples))
+        """Once per source: a warning when boxes were dropped, else information."""
+        level = logging.WARNING if self.dropped_empty or self.dropped_outside else logging.INFO
+        log.log(level, "%s boxes: kept %d, clipped %d, dropped (zero area) %d, "
+                "dropped (outside) %d%s; skipped samples %d", name, self.kept, self.clipped,
+                self.dropped_empty, self.dropped_outside,
+                f", not checked (image size unknown) {self.unchecked}" if self.unchecked else "",
+                len(self.skipped_samples))
 
 
 def sanitize_boxes(boxes, labels, height, width, stats: BoxStats | None = None):
