@@ -44,6 +44,8 @@ SUBCOMMANDS = {
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"demo": "configs/demo/demo.py"}
 DEFAULT_WORKDIRS = {"demo": "bana_demo"}
+# Commands that resume training on a workdir and keep its config.json: a re-run must match it.
+CHECKED_WORKDIRS = ("stage1", "stage3")
 
 
 class CliError(Exception):
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shrink the config for a quick local run (few steps, tiny batches)")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
+        if name in CHECKED_WORKDIRS:
+            p.add_argument("--force", action="store_true",
+                           help="resume on a workdir whose config.json differs from this config in "
+                                "fields that change the result (default: stop and list them)")
     return parser
 
 
@@ -169,6 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"bana: error: {err}", file=sys.stderr)
         return 2
+    stored = Path(args.workdir) / "config.json"
+    if args.command in CHECKED_WORKDIRS and not args.force and stored.is_file():
+        from bana_jax.train.config import workdir_config_changes
+        changes = workdir_config_changes(config, stored.read_text())
+        if changes:
+            print(f"bana {args.command}: error: {args.workdir} holds a run with another config "
+                  f"({stored}); these fields differ:\n  " + "\n  ".join(changes)
+                  + "\nUse a new --workdir to start over, or --force to resume with this config.",
+                  file=sys.stderr)
+            return 2
 
     # force: importing orbax (absl) has already configured the root logger at WARNING.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)

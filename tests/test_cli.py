@@ -120,3 +120,25 @@ def test_a_run_off_a_terminal_logs_steps_resume_and_summary(tmp_path):
     assert "step 2/2" in logs[0] and "classification accuracy on ground-truth boxes" in logs[0]
     assert re.search(r"resumed from .* at step 2", logs[1]) and "step 3/3" in logs[1], logs[1][-2000:]
     assert "\r" not in logs[0] + logs[1]  # no progress bar off a terminal
+
+
+def test_rerun_with_a_config_that_changes_the_result_stops_before_writing(tmp_path, capsys, monkeypatch):
+    """A finished BAP workdir re-run with GAP used to exit 0 and rewrite config.json to say GAP
+    beside the BAP weights."""
+    calls = []
+    monkeypatch.setattr(cli, "resolve_command", lambda name: lambda config, workdir: calls.append(config))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    stored = cli.resolve_config(VOC_STAGE1, [], False).to_json_best_effort(indent=2)
+    (workdir / "config.json").write_text(stored)
+    base = ["stage1", f"--config={VOC_STAGE1}", f"--workdir={workdir}"]
+    assert cli.main(base + ["--config.loss.pooling=gap", "--config.optim.lr=0.5",
+                            "--config.train.num_steps=10"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.pooling: 'bap' -> 'gap'" in err and "optim.lr: 0.001 -> 0.5" in err
+    assert "train.num_steps" not in err and "--force" in err
+    assert calls == [] and (workdir / "config.json").read_text() == stored
+    # Fields that do not change the result may change; --force resumes anyway.
+    assert cli.main(base + ["--config.train.num_steps=10", "--config.train.log_every=1"]) == 0
+    assert cli.main(base + ["--config.loss.pooling=gap", "--force"]) == 0
+    assert [c.loss.pooling for c in calls] == ["bap", "gap"]

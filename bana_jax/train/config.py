@@ -107,6 +107,7 @@ import ast
 import copy
 import difflib
 import importlib.util
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -288,6 +289,32 @@ def validate_config(config: ConfigDict) -> ConfigDict:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     config.lock()
     return config
+
+
+# Fields a run may change when it resumes on a workdir: they do not change what is trained.
+RESUME_SAFE_PREFIXES = ("train.num_steps", "train.log_every", "train.checkpoint_every",
+                        "train.keep_checkpoints", "train.progress_bar", "train.tensorboard",
+                        "train.compilation_cache", "data.num_workers", "eval.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def workdir_config_changes(config: ConfigDict, stored_json: str) -> list[str]:
+    """`'field: stored -> new'` for every field that differs from a workdir's `config.json`
+    (`stored_json`) and would change the result (not in RESUME_SAFE_PREFIXES). Fields the stored
+    config lacks (written by an older version) are not compared."""
+    stored = _flat(json.loads(stored_json))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    return [f"{name}: {stored[name]!r} -> {value!r}" for name, value in sorted(new.items())
+            if name in stored and stored[name] != value and not name.startswith(RESUME_SAFE_PREFIXES)]
 
 
 def load_config(path: str | Path, arg: str | None = None) -> ConfigDict:
