@@ -77,9 +77,11 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
                     synthetic_seed=SYNTHETIC_SEEDS[split])
         source = loader.make_source(spec)
     elif data.name == "voc":
-        source = loader.make_source(dict(name="voc", root=data.root, split=split, skip_bad=data.skip_bad))
+        source = loader.make_source(dict(name="voc", root=data.root, split=split, skip_bad=data.skip_bad,
+                                         convert_modes=data.convert_modes))
     elif data.name == "coco":
         source = loader.make_source(dict(name="coco", root=data.root, split=split, skip_bad=data.skip_bad,
+                                         convert_modes=data.convert_modes,
                                          category_set="voc20" if data.classes == "voc" else "all80"))
     elif data.name == "coco_subset":
         from bana_jax.data.coco import CocoSource
@@ -88,7 +90,8 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
             raise ValueError("data.name='coco_subset' needs --config.data.images=DIR and "
                              "--config.data.annotations=FILE")
         source = CocoSource(Path(data.images).parent, image_dir=data.images, annotation_file=data.annotations,
-                            category_set="voc20" if data.classes == "voc" else "all80", skip_bad=data.skip_bad)
+                            category_set="voc20" if data.classes == "voc" else "all80", skip_bad=data.skip_bad,
+                            convert_modes=data.convert_modes)
     else:
         raise ValueError(f"unknown data.name {data.name!r}")
     max_images = data.max_images if max_images is None else max_images

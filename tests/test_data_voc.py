@@ -457,6 +457,29 @@ def test_config_skip_bad_reaches_coco_subset(coco_root):
     assert len(builders.data_source(config("true"))) == 1
 
 
+def test_config_convert_modes_reaches_coco_subset(coco_root):
+    from bana_jax import builders
+    from bana_jax.train.config import apply_overrides, base_config
+
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(coco_root / "train2017" / "1.png")
+    data = _coco_data()
+    data["images"][0]["file_name"] = "1.png"
+    _write_coco(coco_root, data)
+
+    def config(convert):
+        return apply_overrides(base_config(), [
+            ("data.name", "coco_subset"), ("data.images", str(coco_root / "train2017")),
+            ("data.annotations", str(coco_root / "annotations" / "instances_train2017.json")),
+            ("data.convert_modes", convert)])
+
+    with pytest.raises(common.DataError, match=r"1\.png: unsupported image mode RGBA .*convert_modes=true"):
+        builders.data_source(config("false"))[0]
+    image = builders.data_source(config("true"))[0]["image"]
+    assert image.shape == (10, 12, 3) and image.dtype == np.uint8 and image[0, 0, 0] == 200
+
+
 def test_sanitize_boxes_with_a_size_per_box():
     stats = common.BoxStats()
     b, l = common.sanitize_boxes([[0, 0, 9, 9], [0, 0, 9, 9], [12, 0, 13, 1]], [1, 2, 3],

@@ -166,7 +166,7 @@ def _to_rgb(im, mode: str, where, convert: bool) -> np.ndarray:
     kind = _MODE_NAMES.get(mode, mode)
     if not convert:
         raise DataError(where, f"unsupported image mode {kind}; expected 8-bit RGB or grayscale "
-                               f"(pass convert_modes=True to convert)")
+                               f"(--config.data.convert_modes=true converts it)")
     log.info("%s: converting image mode %s to 8-bit RGB", where, kind)
     if mode.startswith("I"):
         a = np.asarray(im, dtype=np.float64)

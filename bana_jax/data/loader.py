@@ -67,7 +67,8 @@ def make_source(cfg):
     """A random-access source from a data config (ConfigDict, dict or object with attributes).
 
     Fields: `name` ("synthetic" | "voc" | "coco"); synthetic: `num_images`, `image_size`,
-    `num_classes`, `synthetic_seed`; voc/coco: `root`, `split`, `skip_bad`; coco: `category_set`;
+    `num_classes`, `synthetic_seed`; voc/coco: `root`, `split`, `skip_bad`, `convert_modes`;
+    coco: `category_set`;
     optional `pseudo_label_dirs` ({"y_crf": dir, "y_ret": dir}) for stage 3.
     """
     name = _get(cfg, "name", "synthetic")
@@ -81,13 +82,15 @@ def make_source(cfg):
         from bana_jax.data.voc import VocSource
 
         source = VocSource(_get(cfg, "root", None), split=_get(cfg, "split", "train_aug"),
-                           skip_bad=_get(cfg, "skip_bad", False))
+                           skip_bad=_get(cfg, "skip_bad", False),
+                           convert_modes=_get(cfg, "convert_modes", False))
     elif name == "coco":
         from bana_jax.data.coco import CocoSource
 
         source = CocoSource(_get(cfg, "root", None), split=_get(cfg, "split", "train2017"),
                             category_set=_get(cfg, "category_set", "voc20"),
-                            skip_bad=_get(cfg, "skip_bad", False))
+                            skip_bad=_get(cfg, "skip_bad", False),
+                           convert_modes=_get(cfg, "convert_modes", False))
     else:
         raise ValueError(f"data.name must be 'synthetic', 'voc' or 'coco', got {name!r}")
     pseudo = _get(cfg, "pseudo_label_dirs", None)

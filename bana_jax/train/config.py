@@ -25,6 +25,8 @@ data.*  (input pipeline, HELPERS.md batch contract)
   max_images      use only the first N images (0 = all)
   num_workers     data-loading worker threads/processes
   skip_bad        voc/coco: log and skip bad samples (unreadable image, broken annotation entry)
+  convert_modes   voc/coco: convert RGBA, CMYK and 16-bit images to 8-bit RGB (default: an error
+                  naming the file)
                   instead of stopping at the first (bana_jax.data.common, "Bad input")
   class_balanced  stage 1: draw each training image for a class drawn uniformly among the classes
                   with boxes (bana_jax.data.sampling) instead of drawing images uniformly
@@ -127,7 +129,7 @@ def base_config() -> ConfigDict:
         name="voc", root="", split="train_aug", images="", annotations="", classes="voc",
         pseudo_labels="", batch_size=20, crop_size=321, scale_range=(0.5, 1.5), flip=True,
         color_jitter=(0.5, 1.5), max_boxes=64, max_images=0, num_workers=4,
-        synthetic_images=0, synthetic_size=0, skip_bad=False, class_balanced=False,
+        synthetic_images=0, synthetic_size=0, skip_bad=False, convert_modes=False, class_balanced=False,
         view_sizes=(321,)))
     c.model = ConfigDict(dict(
         name="vgg16_labeler", init="hed_vgg16", num_classes=21, fc6_dilation=1, dropout=0.5,
