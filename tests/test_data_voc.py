@@ -438,45 +438,36 @@ def test_coco_broken_category_table_always_fails(coco_root):
         coco.CocoSource(coco_root, skip_bad=True)
 
 
-def test_config_skip_bad_reaches_coco_subset(coco_root):
+def _coco_subset_source(root, field: str, value: str):
+    """builders.data_source of a coco_subset config on `root` with data.`field` = `value`."""
     from bana_jax import builders
     from bana_jax.train.config import apply_overrides, base_config
 
+    return builders.data_source(apply_overrides(base_config(), [
+        ("data.name", "coco_subset"), ("data.images", str(root / "train2017")),
+        ("data.annotations", str(root / "annotations" / "instances_train2017.json")),
+        (f"data.{field}", value)]))
+
+
+def test_config_skip_bad_reaches_coco_subset(coco_root):
     data = _coco_data()
     del data["annotations"][1]["bbox"]
     _write_coco(coco_root, data)
-
-    def config(skip_bad):
-        return apply_overrides(base_config(), [
-            ("data.name", "coco_subset"), ("data.images", str(coco_root / "train2017")),
-            ("data.annotations", str(coco_root / "annotations" / "instances_train2017.json")),
-            ("data.skip_bad", skip_bad)])
-
     with pytest.raises(common.DataError, match=r"annotation 2 \(image 2\) has no 'bbox'"):
-        builders.data_source(config("false"))
-    assert len(builders.data_source(config("true"))) == 1
+        _coco_subset_source(coco_root, "skip_bad", "false")
+    assert len(_coco_subset_source(coco_root, "skip_bad", "true")) == 1
 
 
 def test_config_convert_modes_reaches_coco_subset(coco_root):
-    from bana_jax import builders
-    from bana_jax.train.config import apply_overrides, base_config
-
     rgba = np.zeros((10, 12, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 255
     Image.fromarray(rgba, "RGBA").save(coco_root / "train2017" / "1.png")
     data = _coco_data()
     data["images"][0]["file_name"] = "1.png"
     _write_coco(coco_root, data)
-
-    def config(convert):
-        return apply_overrides(base_config(), [
-            ("data.name", "coco_subset"), ("data.images", str(coco_root / "train2017")),
-            ("data.annotations", str(coco_root / "annotations" / "instances_train2017.json")),
-            ("data.convert_modes", convert)])
-
     with pytest.raises(common.DataError, match=r"1\.png: unsupported image mode RGBA .*convert_modes=true"):
-        builders.data_source(config("false"))[0]
-    image = builders.data_source(config("true"))[0]["image"]
+        _coco_subset_source(coco_root, "convert_modes", "false")[0]
+    image = _coco_subset_source(coco_root, "convert_modes", "true")[0]["image"]
     assert image.shape == (10, 12, 3) and image.dtype == np.uint8 and image[0, 0, 0] == 200
 
 
