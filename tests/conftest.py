@@ -1,4 +1,4 @@
-"""Shared test set-up: simulated devices for JAX, the real-photo data shipped beside the repo."""
+"""Shared test set-up: simulated devices for JAX, the real COCO photos kept in tests/fixtures."""
 
 import os
 from pathlib import Path
@@ -14,11 +14,12 @@ import pytest  # noqa: E402
 jax.config.update("jax_threefry_partitionable", False)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+COCO_PHOTOS = REPO / "tests" / "fixtures" / "coco"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data (real COCO photos + annotations); CI has it too, so its absence is a failure."""
-    assert SHARED_DATA.is_dir(), f"real test data not found at {SHARED_DATA} (../shared/data/README.md: it lies beside the repository)"
-    return SHARED_DATA
+def coco_photos() -> Path:
+    """tests/fixtures/coco: a few real COCO train2017 photos with their official annotations, in the
+    layout of ../shared/data (coco128/, coco_mini/); see tests/fixtures/README.md."""
+    assert COCO_PHOTOS.is_dir(), f"test photos not found at {COCO_PHOTOS}"
+    return COCO_PHOTOS

@@ -13,8 +13,8 @@ NORMALIZATIONS = ["NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NO
 
 
 @pytest.fixture(scope="module")
-def photo(shared_data):
-    with Image.open(shared_data / "coco128" / "train2017" / "000000000009.jpg") as im:
+def photo(coco_photos):
+    with Image.open(coco_photos / "coco128" / "train2017" / "000000000009.jpg") as im:
         return np.ascontiguousarray(np.array(im.convert("RGB"))[100:160, 200:280])  # 60 x 80
 
 

@@ -1,4 +1,4 @@
-"""MS-COCO source on the real photos in ../shared/data (coco128, coco_mini)."""
+"""MS-COCO source on the real photos of tests/fixtures/coco (coco128, coco_mini subsets)."""
 
 import json
 
@@ -10,8 +10,8 @@ from bana_jax.data.common import DataError
 
 
 @pytest.fixture(scope="module")
-def coco128(shared_data):
-    return shared_data / "coco128"
+def coco128(coco_photos):
+    return coco_photos / "coco128"
 
 
 def _json(root):
@@ -50,7 +50,7 @@ def test_semantic_label_crowd_and_non_voc_are_ignored(coco128):
             assert (s["label"][m] == 255).all()
     # Over all images: class pixels lie in boxes of their class; non-VOC-only pixels are 255.
     outside = total = 0
-    for i in range(0, len(src), 8):
+    for i in range(len(src)):
         s = src[i]
         anns = api.loadAnns(api.getAnnIds(imgIds=[src.ids[i]]))
         voc_union = np.zeros(s["label"].shape, bool)
@@ -72,13 +72,13 @@ def test_semantic_label_crowd_and_non_voc_are_ignored(coco128):
     assert total > 10000 and outside / total < 0.01
 
 
-def test_all80_and_coco_mini(shared_data):
-    src = coco.CocoSource(shared_data / "coco_mini", category_set="all80")
+def test_all80_and_coco_mini(coco_photos):
+    src = coco.CocoSource(coco_photos / "coco_mini", category_set="all80")
     assert len(src.class_names) == 81 and src.class_names[1] == "person"
     labels = np.concatenate([src[i]["box_labels"] for i in range(len(src))])
     assert labels.min() >= 1 and labels.max() <= 80
-    data = _json(shared_data / "coco_mini")
+    data = _json(coco_photos / "coco_mini")
     assert len(labels) == sum(1 for a in data["annotations"] if not a["iscrowd"]) - \
         src.stats.dropped_empty - src.stats.dropped_outside
     with pytest.raises(ValueError, match="category_set"):
-        coco.CocoSource(shared_data / "coco_mini", category_set="voc")
+        coco.CocoSource(coco_photos / "coco_mini", category_set="voc")

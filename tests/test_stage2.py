@@ -425,9 +425,9 @@ COCO_FILES = ("000000551757.jpg", "000000172123.jpg", "000000163497.jpg")
 
 
 @pytest.fixture(scope="module")
-def coco_annotations(shared_data, tmp_path_factory):
+def coco_annotations(coco_photos, tmp_path_factory):
     """coco_mini's instances json reduced to COCO_FILES (every category kept)."""
-    with open(shared_data / "coco_mini" / "annotations" / "instances_train2017.json") as f:
+    with open(coco_photos / "coco_mini" / "annotations" / "instances_train2017.json") as f:
         coco = json.load(f)
     images = [im for im in coco["images"] if im["file_name"] in COCO_FILES]
     ids = {im["id"] for im in images}
@@ -450,7 +450,7 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-def run_main_on_coco(shared_data, annotations, workdir, classes):
+def run_main_on_coco(coco_photos, annotations, workdir, classes):
     """stage2.main on the coco_subset config with a tiny random VOC labeler (21 classes) standing
     in for the stage-1 export. Returns the config, the labeler, the CRF calls (input and output per
     image size) and stage2's log records."""
@@ -458,7 +458,7 @@ def run_main_on_coco(shared_data, annotations, workdir, classes):
 
     labeler = make_labeler(seed=3, num_classes=21)
     config = load_config(REPO / "configs/coco_subset/stage2.py")
-    config.data.images = str(shared_data / "coco_mini" / "train2017")
+    config.data.images = str(coco_photos / "coco_mini" / "train2017")
     config.data.annotations = str(annotations)
     config.data.classes = classes
     config.pseudo.stage1_workdir = str(workdir / "stage1")
@@ -495,13 +495,13 @@ def run_main_on_coco(shared_data, annotations, workdir, classes):
 
 
 @pytest.fixture(scope="module")
-def coco80_run(shared_data, coco_annotations, tmp_path_factory):
-    return run_main_on_coco(shared_data, coco_annotations, tmp_path_factory.mktemp("coco80"), "coco")
+def coco80_run(coco_photos, coco_annotations, tmp_path_factory):
+    return run_main_on_coco(coco_photos, coco_annotations, tmp_path_factory.mktemp("coco80"), "coco")
 
 
 @pytest.fixture(scope="module")
-def voc20_run(shared_data, coco_annotations, tmp_path_factory):
-    return run_main_on_coco(shared_data, coco_annotations, tmp_path_factory.mktemp("voc20"), "voc")
+def voc20_run(coco_photos, coco_annotations, tmp_path_factory):
+    return run_main_on_coco(coco_photos, coco_annotations, tmp_path_factory.mktemp("voc20"), "voc")
 
 
 def coco_source(run):
