@@ -184,6 +184,23 @@ def test_batch_size_must_split_over_devices(cache_dir, tmp_path):
         train_loop(config, tmp_path, ToyNet(), toy_loss, ToyIterator(), TOY_LABELS)
 
 
+def test_a_resumed_metric_logger_drops_the_records_it_will_log_again(tmp_path):
+    """A run killed after logging step 15 resumes from its checkpoint at step 10 and logs 15 again:
+    the file used to hold step 15 twice (and a torn last line broke every JSONL reader)."""
+    from bana_jax.train import metrics_log
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (5, 10, 15))
+                    + '{"step": 20, "lo')
+    log = metrics_log.MetricLogger(tmp_path, total_steps=30, initial_step=10, progress_bar=False)
+    log.write(15, {"loss": 0.5})
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15] and records[-1]["loss"] == 0.5
+    untouched = path.read_text()
+    metrics_log.MetricLogger(tmp_path, total_steps=30, initial_step=15, progress_bar=False).close()
+    assert path.read_text() == untouched
+
+
 def test_metric_logger_jsonl_rates_and_eta(tmp_path, monkeypatch):
     from bana_jax.train import metrics_log
     clock = iter([100.0, 102.0, 106.0, 200.0, 201.0])

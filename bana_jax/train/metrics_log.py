@@ -1,7 +1,8 @@
 """Training logs: a progress bar on a TTY, log lines otherwise, JSONL metrics, TensorBoard.
 
 Only the main process writes. `metrics.jsonl` in the workdir gets one JSON object per logged step
-(appended, so a resumed run continues the file). TensorBoard event files are written through
+(appended, so a resumed run continues the file, first dropping the records after the step it
+resumes from: it logs those steps again). TensorBoard event files are written through
 tensorboardX when it is installed and `train.tensorboard` is on (clu's writers import TensorFlow).
 """
 
@@ -14,7 +15,27 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from bana_jax import io as bio
+
 logger = logging.getLogger("bana_jax.train")
+
+
+def keep_records_until(path: Path, step: int) -> None:
+    """Rewrites the JSONL file `path` (atomically, if anything changes) without the records after
+    `step` and without a torn line (a run killed while writing)."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        bio.write_text(path, "".join(kept))
 
 
 def format_seconds(seconds: float) -> str:
@@ -41,6 +62,7 @@ class MetricLogger:
             return
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        keep_records_until(workdir / "metrics.jsonl", initial_step)
         self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             try:
