@@ -202,7 +202,8 @@ def init_weights(model, config):
     `bana_jax.models.checkpoint.save_params`."""
     init = config.model.init
     path = Path(init)
-    if config.model.get("init_head", False) and not (path.is_dir() and (path / "labeler.json").is_file()):
+    init_head = bool(config.model.init_head)
+    if init_head and not (path.is_dir() and (path / "labeler.json").is_file()):
         raise ValueError(f"model.init_head=True starts the classifier from a stage-1 labeler: "
                          f"model.init must be a finished stage-1 workdir, got {init!r}")
     if init == "none":
@@ -222,7 +223,7 @@ def init_weights(model, config):
         raise FileNotFoundError(f"model.init={init!r}: no such file or directory "
                                 "(expected 'none', 'hed_vgg16', 'imagenet' or a weights path)")
     if path.is_dir() and (path / "labeler.json").is_file():
-        return _backbone_from_stage1(model, path, head=bool(config.model.get("init_head", False)))
+        return _backbone_from_stage1(model, path, head=init_head)
     if path.is_dir():
         from bana_jax.models.checkpoint import load_params
 

@@ -88,16 +88,20 @@ def stage_configs(config, *, shrink: bool = False) -> dict:
     return configs
 
 
-def box_fill_scores(config) -> dict:
-    """Box-fill (`bana_jax.baselines.box_fill`) scored on the images DeepLab is evaluated on: the
-    first `eval.max_images` (0 = all) of `eval.split`.
+def validation_source(config):
+    """The images DeepLab is evaluated on: the first `eval.max_images` (0 = all) of `eval.split`."""
+    from bana_jax import builders
+
+    return builders.data_source(config, config.eval.split, max_images=int(config.eval.max_images))
+
+
+def box_fill_scores(source, num_classes: int) -> dict:
+    """Box-fill (`bana_jax.baselines.box_fill`) scored on `source` (`validation_source`).
 
     Returns {"miou": percent, "iou": per-class percent (None where undefined), "num_images"}.
     """
-    from bana_jax import baselines, builders, metrics
+    from bana_jax import baselines, metrics
 
-    num_classes = int(config.model.num_classes)
-    source = builders.data_source(config, config.eval.split, max_images=int(config.eval.max_images))
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for index in range(len(source)):
         sample = source[index]
@@ -108,8 +112,8 @@ def box_fill_scores(config) -> dict:
             "iou": [None if np.isnan(v) else 100.0 * float(v) for v in iou]}
 
 
-def evaluate_on_val(configs: dict, stage3_dir: Path) -> dict:
-    """Stage 3's DeepLab (`bana_jax.evaluate`) and box-fill on the validation images.
+def evaluate_on_val(configs: dict, stage3_dir: Path, source) -> dict:
+    """Stage 3's DeepLab (`bana_jax.evaluate`) and box-fill on the validation images (`source`).
 
     Returns {"deeplab": WORKDIR/stage3/eval_<split>.json's record, "box_fill": box_fill_scores}.
     """
@@ -118,7 +122,7 @@ def evaluate_on_val(configs: dict, stage3_dir: Path) -> dict:
     evaluate.main(configs["stage3"], stage3_dir)
     split = configs["stage3"].eval.split
     return {"deeplab": json.loads((stage3_dir / f"eval_{split}.json").read_text()),
-            "box_fill": box_fill_scores(configs["stage3"])}
+            "box_fill": box_fill_scores(source, int(configs["stage3"].model.num_classes))}
 
 
 def _timed(seconds: dict, name: str, fn, *args):
@@ -148,7 +152,8 @@ def run(configs: dict, workdir) -> dict:
     _timed(seconds, "stage1", stage1.main, configs["stage1"], dirs["stage1"])
     pseudo = _timed(seconds, "stage2", stage2.main, configs["stage2"], dirs["stage2"])
     _timed(seconds, "stage3", stage3.main, configs["stage3"], dirs["stage3"])
-    val = _timed(seconds, "evaluate", evaluate_on_val, configs, dirs["stage3"])
+    val_source = validation_source(configs["stage3"])
+    val = _timed(seconds, "evaluate", evaluate_on_val, configs, dirs["stage3"], val_source)
     seconds["total"] = round(time.perf_counter() - start, 1)
 
     deeplab = val["deeplab"]
@@ -161,7 +166,7 @@ def run(configs: dict, workdir) -> dict:
                "images": pseudo["images"], "eval_images": deeplab["num_images"],
                "seconds_per_image": pseudo["seconds_per_image"]}
     io.write_json(workdir / SUMMARY_JSON, summary)
-    panels = write_prediction_panels(workdir, configs["stage3"], deeplab.get("predictions"))
+    panels = write_prediction_panels(workdir, val_source, deeplab.get("predictions"))
     report = write_report(workdir, summary, pseudo_dir / "visualisations", panels)
     print(format_table(summary), flush=True)
     print(f"summary: {workdir / SUMMARY_JSON}\nreport:  {report}", flush=True)
@@ -193,16 +198,13 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_prediction_panels(workdir: Path, config, predictions: str | None) -> list[Path]:
-    """WORKDIR/report/<id>.png for the first REPORT_SCENES evaluated images: image, ground truth,
-    DeepLab's prediction (`predictions/<id>.png`, written by the evaluation); none when
-    `predictions` is None (eval.save_predictions off)."""
-    from bana_jax import builders
-
+def write_prediction_panels(workdir: Path, source, predictions: str | None) -> list[Path]:
+    """WORKDIR/report/<id>.png for the first REPORT_SCENES images of `source` (the evaluated
+    images): image, ground truth, DeepLab's prediction (`predictions/<id>.png`, written by the
+    evaluation); none when `predictions` is None (eval.save_predictions off)."""
     if not predictions:
         return []
     predictions = Path(predictions)
-    source = builders.data_source(config, config.eval.split, max_images=int(config.eval.max_images))
     panels = []
     for index in range(min(REPORT_SCENES, len(source))):
         sample = source[index]
