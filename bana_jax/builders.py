@@ -202,7 +202,7 @@ def init_weights(model, config):
     `bana_jax.models.checkpoint.save_params`."""
     init = config.model.init
     path = Path(init)
-    init_head = bool(config.model.init_head)
+    init_head = bool(config.model.get("init_head", False))  # absent from hand-built model configs
     if init_head and not (path.is_dir() and (path / "labeler.json").is_file()):
         raise ValueError(f"model.init_head=True starts the classifier from a stage-1 labeler: "
                          f"model.init must be a finished stage-1 workdir, got {init!r}")
