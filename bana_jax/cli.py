@@ -44,8 +44,8 @@ SUBCOMMANDS = {
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"demo": "configs/demo/demo.py"}
 DEFAULT_WORKDIRS = {"demo": "bana_demo"}
-# Commands that resume training on a workdir and keep its config.json: a re-run must match it.
-CHECKED_WORKDIRS = ("stage1", "stage3")
+# Commands that resume work on a workdir and keep its config.json: a re-run must match it.
+CHECKED_WORKDIRS = ("stage1", "stage2", "stage3")
 
 
 class CliError(Exception):
@@ -185,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + "\nUse a new --workdir to start over, or --force to resume with this config.",
                   file=sys.stderr)
             return 2
+    from bana_jax import io as bio
+    try:
+        bio.check_writable(Path(args.workdir))
+    except OSError as err:
+        print(f"bana {args.command}: error: cannot write to --workdir={args.workdir}: {err}", file=sys.stderr)
+        return 2
 
     # force: importing orbax (absl) has already configured the root logger at WARNING.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -197,7 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     maybe_initialize_distributed()  # before anything touches the devices
     # The demo runs three stages from one top-level config: --shrink applies to all of them.
     extra = {"shrink": args.shrink} if args.command == "demo" else {}
-    result = command_main(config, args.workdir, **extra)
+    from bana_jax.data.common import DataError
+    try:
+        result = command_main(config, args.workdir, **extra)
+    except (DataError, OSError) as err:  # bad input files, full or read-only disks: no traceback
+        logging.getLogger("bana_jax").debug("stopped", exc_info=True)
+        print(f"bana {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return int(result) if isinstance(result, int) else 0
 
 

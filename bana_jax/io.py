@@ -40,6 +40,17 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def check_writable(directory: Path) -> None:
+    """Creates `directory` if needed and writes, syncs and removes a small probe file there, so a
+    read-only or full disk stops a run at its start rather than at its first save. Raises OSError."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe_") as f:
+        f.write(bytes(4096))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_label_png(path, labels: np.ndarray) -> None:
     """Save class ids `(H, W)` uint8 as a palette PNG (pixel values are the ids), atomically."""
     labels = np.asarray(labels)

@@ -358,7 +358,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                     bar.update(1)
                     bar.set_postfix(computed=totals["computed"], skipped=totals["skipped"], refresh=False)
 
-        for index in indices:
+        for position, index in enumerate(indices):
             sample = source[index]
             image, boxes, box_labels, label = _check_sample(sample)
             image_id = str(sample["id"])
@@ -370,7 +370,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                 tmp.unlink(missing_ok=True)
             if compute:
                 totals["computed"] += 1
-                job.visualise = visualise and totals["computed"] <= num_visualisations
+                # By position, not by count of computed images: a resumed run adds no second set.
+                job.visualise = visualise and position < num_visualisations
                 if len(boxes):
                     start = time.perf_counter()
                     _device_unaries(job, extractor, weight, pseudo.use_u0, unseen_classes, image_step)
@@ -556,6 +557,8 @@ def main(config, workdir) -> dict:
                          "(the workdir of a finished `bana stage1` run)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # what `bana stage2` compares a re-run with
+        bio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     configure_compilation_cache(config.train.compilation_cache, workdir)
     labeler = load_trained_labeler(config.pseudo.stage1_workdir)
     source = builders.data_source(config, config.pseudo.split)

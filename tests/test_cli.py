@@ -12,6 +12,7 @@ from bana_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
 VOC_STAGE1 = str(REPO / "configs" / "voc" / "stage1.py")
+VOC_STAGE2 = str(REPO / "configs" / "voc" / "stage2.py")
 
 
 def test_print_config_with_overrides_both_syntaxes(capsys, tmp_path):
@@ -142,3 +143,52 @@ def test_rerun_with_a_config_that_changes_the_result_stops_before_writing(tmp_pa
     assert cli.main(base + ["--config.train.num_steps=10", "--config.train.log_every=1"]) == 0
     assert cli.main(base + ["--config.loss.pooling=gap", "--force"]) == 0
     assert [c.loss.pooling for c in calls] == ["bap", "gap"]
+
+
+def test_stage2_rerun_with_other_crf_settings_stops(tmp_path, capsys, monkeypatch):
+    """A resumed stage 2 labels only its unfinished images: with other CRF settings it used to mix
+    two label sets in one folder, silently."""
+    calls = []
+    monkeypatch.setattr(cli, "resolve_command", lambda name: lambda config, workdir: calls.append(config))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(cli.resolve_config(VOC_STAGE2, [], False).to_json_best_effort())
+    base = ["stage2", f"--config={VOC_STAGE2}", f"--workdir={workdir}"]
+    assert cli.main(base + ["--config.crf.bi_w=5", "--config.pseudo.save_visualisations=false"]) == 2
+    err = capsys.readouterr().err
+    assert "crf.bi_w: 4.0 -> 5.0" in err and "save_visualisations" not in err and calls == []
+    assert cli.main(base + ["--config.pseudo.save_visualisations=false"]) == 0 and len(calls) == 1
+
+
+def test_unwritable_workdir_stops_at_start(tmp_path, capsys, monkeypatch):
+    """It used to fail with an OSError traceback from jax_cache, or at the first save."""
+    calls = []
+    monkeypatch.setattr(cli, "resolve_command", lambda name: lambda config, workdir: calls.append(config))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli.main(["stage1", f"--config={VOC_STAGE1}", f"--workdir={blocker / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"bana stage1: error: cannot write to --workdir={blocker / 'run'}" in err and calls == []
+
+
+def test_bad_data_and_disk_errors_end_in_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    from bana_jax.data.common import DataError
+
+    def fails(config, workdir):
+        raise DataError(tmp_path / "broken.jpg", "cannot decode the image")
+
+    monkeypatch.setattr(cli, "resolve_command", lambda name: fails)
+    assert cli.main(["stage1", f"--config={VOC_STAGE1}", f"--workdir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"bana stage1: error: {tmp_path / 'broken.jpg'}: cannot decode the image"
+    assert "Traceback" not in err
+
+
+def test_unwritable_compilation_cache_is_turned_off_with_a_warning(tmp_path, caplog):
+    from bana_jax.train.loop import configure_compilation_cache
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with caplog.at_level("WARNING"):
+        assert configure_compilation_cache(str(blocker / "cache"), tmp_path) is None
+    assert f"cannot write to {blocker / 'cache'}" in caplog.text

@@ -311,6 +311,22 @@ def test_resume_recomputes_only_unfinished_images(run, tmp_path, monkeypatch):
     assert summary["miou"] == run["summary"]["miou"]
 
 
+def test_resumed_run_adds_no_second_set_of_panels(run, tmp_path):
+    """Panels go to this host's first N images. A resumed run that computes a later image adds no
+    panel for it (it used to give panels to its first N computed images: a second set)."""
+    out = tmp_path / "pseudo_labels"
+    shutil.copytree(run["out"], out)
+    shutil.rmtree(out / "visualisations")
+    first, later = run["samples"][0]["id"], run["samples"][4]["id"]
+    for image_id in (first, later):
+        for kind in ("Y_crf", "Y_ret"):
+            (out / kind / f"{image_id}.png").unlink()
+    summary = stage2.generate_pseudo_labels(make_labeler(), ListSource(run["samples"], run["names"]), make_config(),
+                                            out, workers=1, progress=False, num_visualisations=2)
+    assert summary["computed"] == 2
+    assert [p.stem for p in (out / "visualisations").glob("*.png")] == [first]
+
+
 def test_host_sharding_labels_every_other_image(run, tmp_path):
     samples = run["samples"][:4]
     summary = stage2.generate_pseudo_labels(make_labeler(), ListSource(samples, run["names"]), make_config(),
@@ -411,6 +427,8 @@ def test_main_reads_the_config(tmp_path, monkeypatch):
     for i in range(2):
         assert (tmp_path / "work" / "pseudo_labels" / "Y_crf" / f"{val[i]['id']}.png").is_file()
     assert (tmp_path / "work" / "pseudo_labels" / "summary.json").is_file()
+    # What `bana stage2` compares a re-run with (tests/test_cli.py).
+    assert json.loads((tmp_path / "work" / "config.json").read_text())["crf"]["bi_w"] == config.crf.bi_w
     config.pseudo.stage1_workdir = ""
     with pytest.raises(ValueError, match="stage1_workdir"):
         stage2.main(config, tmp_path / "work")

@@ -218,3 +218,42 @@ def test_metric_logger_jsonl_rates_and_eta(tmp_path, monkeypatch):
     disabled = metrics_log.MetricLogger(tmp_path / "other", 10, 0, enabled=False)
     disabled.write(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()
+
+
+FULL_DISK_RUN = """
+import json, resource, sys
+sys.path.insert(0, {tests!r})
+from test_train_loop import TOY_LABELS, ToyIterator, ToyNet, toy_config, toy_loss
+from bana_jax.train.loop import train_loop
+
+
+class FillsTheDisk(ToyIterator):
+    def __next__(self):
+        if self.served == 1:  # no file may grow any more (EFBIG): the save at step 10 fails
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+        return super().__next__()
+
+
+iterator = FillsTheDisk()
+try:
+    train_loop(toy_config("", 40, checkpoint_every=10, log_every=100), {workdir!r}, ToyNet(), toy_loss,
+               iterator, TOY_LABELS)
+except OSError as err:
+    print(json.dumps({{"error": str(err), "served": iterator.served}}))
+"""
+
+
+def test_a_failed_save_stops_the_run_at_once_naming_the_folder(tmp_path):
+    """orbax saves in the background; a failed save used to surface only at the next save (step
+    20 here), every step in between trained for nothing. The disk is 'full' (RLIMIT_FSIZE, in a
+    child process) from the first save on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = FULL_DISK_RUN.format(tests=str(Path(__file__).parent), workdir=str(tmp_path / "run"))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert f"saving a checkpoint under {tmp_path / 'run' / 'checkpoints'} failed" in report["error"]
+    assert report["served"] < 15  # of 40 steps

@@ -246,9 +246,13 @@ def make_sample(image, boxes, box_labels, label, sample_id, bg_mask=None) -> dic
 
 
 def skip_or_raise(error: DataError, skip_bad: bool, stats: BoxStats) -> None:
-    """Raise `error`, or with `skip_bad` log it and list it in `stats.skipped_samples`."""
+    """Raise `error`, or with `skip_bad` log it and list it in `stats.skipped_samples`, once per
+    file and reason (in each process)."""
     if not skip_bad:
         raise error
+    if str(error) in stats.skipped_samples:  # the same file again, in a later epoch
+        log.debug("skipping bad sample: %s", error)
+        return
     log.warning("skipping bad sample: %s", error)
     stats.skipped_samples.append(str(error))
 

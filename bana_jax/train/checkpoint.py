@@ -50,7 +50,10 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave({"processes": gather_process_states(data_state)})
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:  # orbax first waits for the previous save, whose error surfaces here
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:  # noqa: BLE001
+            self._reraise(err)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any | None]:
         """Returns (state, this process's data state or None).
@@ -72,12 +75,27 @@ class Checkpointer:
             data_state = processes[jax.process_index()]
         return restored["state"], data_state
 
+    def _reraise(self, err: Exception):
+        raise OSError(f"saving a checkpoint under {self.directory} failed: {err}") from err
+
+    def check_for_errors(self) -> None:
+        """Raises the error of a finished background save, naming the folder; cheap."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001 - orbax raises whatever the write raised
+            self._reraise(err)
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            self._reraise(err)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

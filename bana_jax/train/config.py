@@ -296,7 +296,8 @@ def validate_config(config: ConfigDict) -> ConfigDict:
 # Fields a run may change when it resumes on a workdir: they do not change what is trained.
 RESUME_SAFE_PREFIXES = ("train.num_steps", "train.log_every", "train.checkpoint_every",
                         "train.keep_checkpoints", "train.progress_bar", "train.tensorboard",
-                        "train.compilation_cache", "data.num_workers", "eval.")
+                        "train.compilation_cache", "data.num_workers", "pseudo.save_visualisations",
+                        "eval.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bana_jax import io as bio
 from bana_jax.train import mesh as mesh_lib
 from bana_jax.train.checkpoint import Checkpointer, abstract_like
 from bana_jax.train.metrics_log import MetricLogger
@@ -47,7 +48,11 @@ def configure_compilation_cache(setting: str, workdir: str | Path) -> str | None
     if not setting:
         return None
     path = Path(workdir) / "jax_cache" if setting == "workdir" else Path(setting).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        bio.check_writable(path)
+    except OSError as err:  # the cache only saves compile time: run without it
+        logger.warning("compilation cache off: cannot write to %s (%s)", path, err)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -92,7 +97,7 @@ def train_loop(config, workdir: str | Path, model: nnx.Module, loss_fn: LossFn,
     main = mesh_lib.is_main_process()
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        bio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     configure_compilation_cache(train_cfg.compilation_cache, workdir)
 
     mesh = mesh_lib.make_data_mesh() if mesh is None else mesh
@@ -142,6 +147,7 @@ def train_loop(config, workdir: str | Path, model: nnx.Module, loss_fn: LossFn,
                     f" batch data.batch_size / process_count = {local_batch}")
             batch = mesh_lib.shard_batch(local, mesh)
             state, metrics = step_fn(state, batch)
+            checkpointer.check_for_errors()  # a failed background save stops the run now
             step += 1
             pending.append(metrics)
             images_since_log += local_batch * jax.process_count()
