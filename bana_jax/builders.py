@@ -8,8 +8,8 @@ from pathlib import Path
 
 import jax
 
+from bana_jax.constants import VOC_CLASSES
 from bana_jax.data import loader, sampling
-from bana_jax.data.common import VOC_CLASSES
 
 # The synthetic dataset's two splits are two seeds of the same generator.
 SYNTHETIC_SEEDS = {"train": 0, "val": 1}

@@ -206,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bana_jax.data.common import DataError
     try:
         result = command_main(config, args.workdir, **extra)
+    except ConfigError as err:  # a setting that could only be checked once the run started
+        print(f"bana {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (DataError, OSError) as err:  # bad input files, full or read-only disks: no traceback
         logging.getLogger("bana_jax").debug("stopped", exc_info=True)
         print(f"bana {args.command}: error: {err}", file=sys.stderr)

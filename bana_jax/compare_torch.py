@@ -18,8 +18,9 @@ import sys
 
 import numpy as np
 
+from bana_jax.constants import CAFFE_MEAN_BGR
+
 ARCHS = ("labeler", "deeplab_v1", "deeplab_v2")
-CAFFE_MEAN_BGR = np.array([104.008, 116.669, 122.675], np.float32)
 
 
 def _parser() -> argparse.ArgumentParser:

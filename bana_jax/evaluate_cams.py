@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from bana_jax import bap, builders
+from bana_jax.constants import IGNORE_INDEX
 from bana_jax.data.common import box_masks, bg_mask_from_boxes
 from bana_jax.data.transforms import caffe_normalize, normalize_boxes
 from bana_jax.resize import interp_matrix
@@ -48,7 +49,6 @@ logger = logging.getLogger("bana_jax.evaluate_cams")
 
 RESULT_JSON = "cam_precision.json"
 CAM_EPS = 1e-12  # added to each box's CAM maximum (the official code's denominator)
-IGNORE = 255
 BOX_BUCKET = 8   # boxes per image are padded to a multiple of this (fewer compiled shapes)
 MIN_CLASS_BOXES = 5  # classes with fewer ground-truth boxes are left out of the class mean
 
@@ -98,7 +98,7 @@ def normalized_cams(scores: np.ndarray, image_hw: tuple[int, int], boxes: np.nda
     return out
 
 
-def cam_counts(u: np.ndarray, label: np.ndarray, ignore_index: int = IGNORE):
+def cam_counts(u: np.ndarray, label: np.ndarray, ignore_index: int = IGNORE_INDEX):
     """`TP_c`, `FP_c` `(C,)` of one image: u_c mass on pixels labelled c / on the other labelled
     pixels (ignore_index excluded). u `(H, W, C)`, label `(H, W)`."""
     if u.ndim != 3 or u.shape[:2] != label.shape:

@@ -32,9 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bana_jax.constants import IGNORE_INDEX
 from bana_jax.resize import resize_bilinear
 
-IGNORE_INDEX = 255
 LOSS_KINDS = ("nal", "ce_reliable", "ce_crf", "ce_ret", "entropy", "bootstrap")
 CLASSIFIERS = ("cosine", "dot")
 

@@ -18,12 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
+from bana_jax.constants import IGNORE_INDEX, VOC_CLASSES
+
 
 
 def confusion_matrix(pred, label, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:

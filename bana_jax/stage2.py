@@ -65,8 +65,8 @@ from bana_jax import io as bio
 from bana_jax import metrics
 from bana_jax import pseudo_labels as pl
 from bana_jax import visualize
+from bana_jax.constants import IGNORE_INDEX, VOC_CLASSES
 from bana_jax.data.coco import COCO_TO_VOC
-from bana_jax.data.common import VOC_CLASSES
 from bana_jax.data.transforms import caffe_normalize
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
             result["baselines"] = time.perf_counter() - start
             label = job.label
             result["conf"] = {m: metrics.confusion_matrix(p, label, num_classes) for m, p in preds.items()}
-            reliable_label = np.where(y_crf == y_ret, label, metrics.IGNORE_INDEX)
+            reliable_label = np.where(y_crf == y_ret, label, IGNORE_INDEX)
             result["conf"]["agreement"] = metrics.confusion_matrix(y_crf, reliable_label, num_classes)
         return result
 
@@ -550,10 +550,11 @@ def main(config, workdir) -> dict:
     COCO data: the labels are also written as RLE instance masks, `OUT/instances_y_crf.json`."""
     from bana_jax import builders
     from bana_jax.stage1 import load_trained_labeler  # written alongside; imported lazily
+    from bana_jax.train.config import ConfigError
     from bana_jax.train.loop import configure_compilation_cache
 
     if not config.pseudo.stage1_workdir:
-        raise ValueError("pseudo.stage1_workdir is empty: pass --config.pseudo.stage1_workdir=DIR "
+        raise ConfigError("pseudo.stage1_workdir is empty: pass --config.pseudo.stage1_workdir=DIR "
                          "(the workdir of a finished `bana stage1` run)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

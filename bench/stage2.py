@@ -23,7 +23,6 @@ of free memory for the direct path at 640 x 480.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys

@@ -39,12 +39,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bana_jax.constants import IGNORE_INDEX  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE3_CONFIGS = {"v1": "configs/voc/stage3_deeplab_v1.py",
                   "v2": "configs/voc/stage3_deeplab_v2.py"}
 STAGE1_MODELS = ("vgg16_labeler", "vgg_tiny", "efficientnet_lite0_labeler")
 STAGE3_MODELS = ("deeplab_v1", "deeplab_v2", "vgg_tiny")  # the ones torch_reference can mirror
-IGNORE = 255
 
 
 def random_batch(batch: int, crop: int, max_boxes: int, valid_boxes: int, seed: int = 0) -> dict:
@@ -75,9 +76,9 @@ def random_stage3_batch(batch: int, crop: int, num_classes: int, seed: int = 0) 
     rng = np.random.default_rng(seed)
     image = rng.normal(0, 50, size=(batch, crop, crop, 3)).astype(np.float32)
     y_crf = rng.integers(0, num_classes, size=(batch, crop, crop)).astype(np.uint8)
-    y_ret = np.where(rng.random((batch, crop, crop)) < 0.7, y_crf, IGNORE).astype(np.uint8)
+    y_ret = np.where(rng.random((batch, crop, crop)) < 0.7, y_crf, IGNORE_INDEX).astype(np.uint8)
     pad = crop - crop // 8
-    y_crf[:, pad:], y_ret[:, pad:] = IGNORE, IGNORE
+    y_crf[:, pad:], y_ret[:, pad:] = IGNORE_INDEX, IGNORE_INDEX
     return {"image": image, "y_crf": y_crf, "y_ret": y_ret}
 
 
@@ -276,7 +277,7 @@ def torch_noise_aware_loss(cosine, y_crf, y_ret, *, tau: float, lam: float, gamm
     import torch
     import torch.nn.functional as F
 
-    labelled = y_crf != IGNORE
+    labelled = y_crf != IGNORE_INDEX
     agree = y_crf == y_ret
     reliable, unreliable = agree & labelled, ~agree & labelled
     target = torch.where(labelled, y_crf, torch.zeros_like(y_crf)).unsqueeze(1)

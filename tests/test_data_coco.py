@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from bana_jax.data import coco
-from bana_jax.data.common import DataError
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from bana_jax.constants import CAFFE_MEAN_BGR
 from bana_jax.data import transforms as T
 
 
@@ -172,5 +173,5 @@ def test_train_transform_deterministic_and_network_ready():
     p = T.draw_params(np.random.default_rng(1), 30, 50, cfg)
     px = T.apply_augment(s, p, 32)
     np.testing.assert_allclose(a["boxes"], px["boxes"] / 15.5 - 1, rtol=1e-6)
-    np.testing.assert_allclose(a["image"][..., ::-1] + T.CAFFE_MEAN_BGR[::-1], px["image"],
+    np.testing.assert_allclose(a["image"][..., ::-1] + CAFFE_MEAN_BGR[::-1], px["image"],
                                atol=1e-4)

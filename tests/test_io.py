@@ -33,11 +33,12 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     io.write_json(path, {"a": 1})
 
     def broken_fsync(fd):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")  # as the OS says it: no file name
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left on device") as error:
         io.write_json(path, {"a": 2})
+    assert error.value.filename == str(path)  # the user is told which file
     assert json.loads(path.read_text()) == {"a": 1}  # the old file survives intact
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from bana_jax import losses
+from bana_jax.constants import IGNORE_INDEX
 
-IGNORE = 255
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def pixels(y_crf, y_ret):
     """Yields (b, i, j, region) with region 'S', '~S' or None (padding), per method.md."""
     for b, i, j in np.ndindex(*y_crf.shape):
         c, r = int(y_crf[b, i, j]), int(y_ret[b, i, j])
-        if c == IGNORE:
+        if c == IGNORE_INDEX:
             yield b, i, j, None
         else:
             yield b, i, j, ("S" if c == r else "~S")
@@ -62,7 +62,7 @@ def loss_ref(scores, y_crf, y_ret, *, kind, tau=20.0, lam=0.1, gamma=7.0, beta=1
     if kind in ("ce_crf", "ce_ret"):
         labels = y_crf if kind == "ce_crf" else y_ret
         terms = [ce_ref(scale * up[b, i, j], labels[b, i, j])
-                 for b, i, j in np.ndindex(*labels.shape) if labels[b, i, j] != IGNORE]
+                 for b, i, j in np.ndindex(*labels.shape) if labels[b, i, j] != IGNORE_INDEX]
         return np.mean(terms)
     ce_s, unrel = [], []
     for b, i, j, region in pixels(y_crf, y_ret):
@@ -129,9 +129,9 @@ def make_problem(seed, b=2, h=3, w=4, s=7, c=5, pad=True):
     flip = rng.random((b, s, s)) < 0.4  # ~40% unreliable
     y_ret[flip] = (y_crf[flip] + rng.integers(1, c, flip.sum())) % c
     if pad:  # padding: 255 in both, as the data pipeline makes it
-        y_crf[:, -2:, :] = IGNORE
-        y_ret[:, -2:, :] = IGNORE
-        y_ret[0, 0, :2] = IGNORE  # y_ret ignored alone: such a pixel is unreliable (official rule)
+        y_crf[:, -2:, :] = IGNORE_INDEX
+        y_ret[:, -2:, :] = IGNORE_INDEX
+        y_ret[0, 0, :2] = IGNORE_INDEX  # y_ret ignored alone: such a pixel is unreliable (official rule)
     return scores, {"y_crf": y_crf, "y_ret": y_ret}
 
 
@@ -162,8 +162,8 @@ def test_values_match_numpy(kind):
 def test_gradients_match_finite_differences(kind, options):
     # Tiny case; tau = 5 keeps the float32 gradient well conditioned.
     scores, batch = make_problem(1, b=1, h=2, w=3, s=4, c=3, pad=False)
-    batch["y_crf"][0, -1, -1] = IGNORE
-    batch["y_ret"][0, -1, -1] = IGNORE
+    batch["y_crf"][0, -1, -1] = IGNORE_INDEX
+    batch["y_ret"][0, -1, -1] = IGNORE_INDEX
     tau, gamma, step, max_steps = 5.0, 3.0, 2, 5
     beta = (1 - step / max_steps) ** 0.9
 
@@ -210,7 +210,7 @@ def test_sigma_in_unit_interval_and_one_at_the_best_class():
     cosine[0, 0, 0] = -1.0  # every D = 0: guarded, sigma = 0
     cosine[0, 0, 1] = 1.0
     y_crf = rng.integers(0, 7, (2, 6, 6)).astype(np.uint8)
-    y_crf[1, 0, 0] = IGNORE
+    y_crf[1, 0, 0] = IGNORE_INDEX
     sigma = np.asarray(losses.noise_aware_sigma(jnp.asarray(cosine), jnp.asarray(y_crf), 7.0))
     assert np.all(np.isfinite(sigma)) and sigma.min() >= 0.0 and sigma.max() <= 1.0
     best = cosine.argmax(-1) == y_crf
@@ -233,8 +233,8 @@ def test_nal_weights_only_the_crf_class():
     scores = np.zeros((1, 2, 2, c), np.float32)  # 2x2 map upsampled to 2x2: the identity
     scores[0, 0, 0], scores[0, 0, 1] = cos_a, cos_b
     scores[0, 1, 0] = scores[0, 1, 1] = [0.3, 0.0, 0.0]
-    y_crf = np.array([[[0, 1], [0, IGNORE]]], np.uint8)
-    y_ret = np.array([[[2, 0], [0, IGNORE]]], np.uint8)  # (0,0), (0,1) unreliable; (1,0) reliable
+    y_crf = np.array([[[0, 1], [0, IGNORE_INDEX]]], np.uint8)
+    y_ret = np.array([[[2, 0], [0, IGNORE_INDEX]]], np.uint8)  # (0,0), (0,1) unreliable; (1,0) reliable
     batch = {"y_crf": y_crf, "y_ret": y_ret}
     loss, aux = losses.segmentation_loss(jnp.asarray(scores), batch, kind="nal", tau=tau, lam=0.1)
     ce_b = -np.log(np.exp(tau * 0.8) / np.exp(tau * cos_b).sum())  # by hand
@@ -260,7 +260,7 @@ def test_guards_give_zero_not_nan():
     loss, aux = losses.segmentation_loss(jnp.asarray(scores), batch, kind="nal")
     assert float(loss) == 0.0 and float(aux["ce"]) == 0.0 and float(aux["wce"]) == 0.0
     # All padding.
-    batch = {"y_crf": np.full((1, 2, 2), IGNORE, np.uint8), "y_ret": np.full((1, 2, 2), IGNORE, np.uint8)}
+    batch = {"y_crf": np.full((1, 2, 2), IGNORE_INDEX, np.uint8), "y_ret": np.full((1, 2, 2), IGNORE_INDEX, np.uint8)}
     assert float(losses.segmentation_loss(jnp.asarray(scores), batch, kind="nal")[0]) == 0.0
 
 

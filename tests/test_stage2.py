@@ -27,7 +27,7 @@ from bana_jax import models, stage2
 from bana_jax import pseudo_labels as pl
 from bana_jax.data.synthetic import SyntheticSource
 from bana_jax.data.transforms import caffe_normalize
-from bana_jax.train.config import base_config
+from bana_jax.train.config import ConfigError, base_config
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4  # background + 3 synthetic shapes
@@ -430,7 +430,7 @@ def test_main_reads_the_config(tmp_path, monkeypatch):
     # What `bana stage2` compares a re-run with (tests/test_cli.py).
     assert json.loads((tmp_path / "work" / "config.json").read_text())["crf"]["bi_w"] == config.crf.bi_w
     config.pseudo.stage1_workdir = ""
-    with pytest.raises(ValueError, match="stage1_workdir"):
+    with pytest.raises(ConfigError, match="stage1_workdir"):
         stage2.main(config, tmp_path / "work")
 
 

@@ -21,7 +21,8 @@ import warnings
 
 import numpy as np
 
-from bana_jax.data.common import (VOC_CLASSES, BoxStats, DataError, load_or_skip, read_image,
+from bana_jax.constants import VOC_CLASSES
+from bana_jax.data.common import (BoxStats, DataError, load_or_skip, read_image,
                                   sanitize_boxes, skip_or_raise)
 
 log = logging.getLogger(__name__)

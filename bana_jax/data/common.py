@@ -35,12 +35,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
-IGNORE = 255
 
 
 class DataError(Exception):

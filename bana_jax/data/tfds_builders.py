@@ -19,7 +19,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bana_jax.data.common import VOC_CLASSES
+from bana_jax.constants import VOC_CLASSES
 
 
 def _features(with_label: bool = True):

@@ -21,14 +21,13 @@ import logging
 
 import numpy as np
 
+from bana_jax.constants import CAFFE_MEAN_BGR, IGNORE_INDEX
 from bana_jax.data.common import bg_mask_from_boxes
 from bana_jax.resize import interp_matrix, nearest_indices
 
 log = logging.getLogger(__name__)
 
 MEAN_RGB_PAD = (123.0, 117.0, 104.0)  # image padding value (the official code's RGB mean)
-CAFFE_MEAN_BGR = np.array([104.008, 116.669, 122.675], np.float32)
-IGNORE = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +70,7 @@ def _pixel_maps(sample: dict) -> list[str]:
 
 
 def _pad_value(key: str) -> int:
-    return 0 if key == "bg_mask" else IGNORE
+    return 0 if key == "bg_mask" else IGNORE_INDEX
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:

@@ -20,7 +20,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from bana_jax.data.common import (VOC_CLASSES, BoxStats, DataError, load_or_skip, read_image,
+from bana_jax.constants import VOC_CLASSES
+from bana_jax.data.common import (BoxStats, DataError, load_or_skip, read_image,
                                   read_index_png, sanitize_boxes, skip_or_raise)
 
 CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}

@@ -28,9 +28,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from bana_jax.constants import CAFFE_MEAN_BGR
 from bana_jax.models import layers
 
 
@@ -60,13 +60,12 @@ BN_MOMENTUM = 0.01
 OUTPUT_STRIDES = (8, 16, 32)
 
 # Caffe-normalised BGR (the package-wide input) -> this network's RGB normalisation.
-CAFFE_MEAN_RGB = np.array([122.675, 116.669, 104.008], np.float32)
 LITE_MEAN, LITE_STD = 0.498, 0.502  # on [0, 1] RGB
 
 
 def caffe_bgr_to_lite(images: jax.Array) -> jax.Array:
     """`(B, H, W, 3)` Caffe BGR minus mean, 0-255 -> RGB `(x / 255 - 0.498) / 0.502`."""
-    rgb = images[..., ::-1] + jnp.asarray(CAFFE_MEAN_RGB, images.dtype)
+    rgb = images[..., ::-1] + jnp.asarray(CAFFE_MEAN_BGR[::-1], images.dtype)
     return (rgb / 255.0 - LITE_MEAN) / LITE_STD
 
 

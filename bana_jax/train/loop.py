@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
