@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:  # a setting that could only be checked once the run started
         print(f"bana {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (DataError, OSError) as err:  # bad input files, full or read-only disks: no traceback
+    except (DataError, OSError, FloatingPointError) as err:  # bad files, disks, a diverged loss
         logging.getLogger("bana_jax").debug("stopped", exc_info=True)
         print(f"bana {args.command}: error: {err}", file=sys.stderr)
         return 1

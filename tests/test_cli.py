@@ -171,17 +171,21 @@ def test_unwritable_workdir_stops_at_start(tmp_path, capsys, monkeypatch):
     assert f"bana stage1: error: cannot write to --workdir={blocker / 'run'}" in err and calls == []
 
 
-def test_bad_data_and_disk_errors_end_in_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error", ["data", "disk", "diverged"])
+def test_bad_data_disk_and_divergence_end_in_one_line(error, tmp_path, capsys, monkeypatch):
     from bana_jax.data.common import DataError
 
+    raised = {"data": DataError(tmp_path / "broken.jpg", "cannot decode the image"),
+              "disk": OSError(28, "No space left on device", str(tmp_path / "run" / "metrics.jsonl")),
+              "diverged": FloatingPointError("loss is nan at step 10")}[error]
+
     def fails(config, workdir):
-        raise DataError(tmp_path / "broken.jpg", "cannot decode the image")
+        raise raised
 
     monkeypatch.setattr(cli, "resolve_command", lambda name: fails)
     assert cli.main(["stage1", f"--config={VOC_STAGE1}", f"--workdir={tmp_path / 'run'}"]) == 1
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == f"bana stage1: error: {tmp_path / 'broken.jpg'}: cannot decode the image"
-    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"bana stage1: error: {raised}" and "Traceback" not in err
 
 
 def test_unwritable_compilation_cache_is_turned_off_with_a_warning(tmp_path, caplog):

@@ -482,3 +482,10 @@ def test_sanitize_boxes_with_a_size_per_box():
     np.testing.assert_array_equal(b, [[0, 0, 4, 4], [0, 0, 9, 9]])
     np.testing.assert_array_equal(l, [1, 2])
     assert (stats.kept, stats.clipped, stats.dropped_outside) == (2, 1, 1)
+
+
+def test_coco_missing_image_folder_is_named_at_start(coco_root, tmp_path):
+    """It used to be found image by image, the first missing file named as if only it were gone."""
+    _write_coco(coco_root, _coco_data())
+    with pytest.raises(common.DataError, match=r"nowhere: no such folder \(the images of .*instances_train2017\.json\)"):
+        coco.CocoSource(coco_root, image_dir=tmp_path / "nowhere")

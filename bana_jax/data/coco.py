@@ -172,6 +172,8 @@ class CocoSource:
         self.with_label, self.skip_bad, self.convert_modes = with_label, skip_bad, convert_modes
         self.audit, self.stats = BoxStats(), BoxStats()
         data = _load_json(self.annotation_file)
+        if not os.path.isdir(self.image_dir):  # else every image would fail, one by one
+            raise DataError(self.image_dir, f"no such folder (the images of {self.annotation_file})")
         names = _categories(data, self.annotation_file)
         cats = sorted(names)
         if category_set == "voc20":

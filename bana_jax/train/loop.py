@@ -156,7 +156,8 @@ def train_loop(config, workdir: str | Path, model: nnx.Module, loss_fn: LossFn,
                 means["lr"] = float(schedule(step - 1))
                 record = metric_logger.write(step, means, images=images_since_log)
                 if not np.isfinite(means["loss"]):
-                    raise FloatingPointError(f"loss is {means['loss']} at step {step}")
+                    raise FloatingPointError(f"loss is {means['loss']} at step {step}: training diverged "
+                                             "(a lower optim.lr, or a look at the data, may help)")
                 pending, images_since_log = [], 0
             if (checkpoint_every > 0 and step % checkpoint_every == 0) or step == end_step:
                 save(step)
