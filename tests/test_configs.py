@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bana_jax.train.config import (ConfigError, apply_overrides, base_config, load_config,
@@ -116,11 +117,26 @@ def test_validate_names_unknown_missing_and_wrong_fields():
 
 @pytest.mark.parametrize("field, value", [("crf.bi_rgb_std", 0.0), ("crf.bi_xy_std", -1.0),
                                           ("crf.pos_xy_std", float("nan")), ("crf.bi_w", float("inf")),
-                                          ("crf.pos_w", float("-inf"))])
+                                          ("crf.pos_w", float("-inf")),
+                                          # would overflow the lattice at the first image (255 / 1e-7 > 1e6)
+                                          ("crf.bi_rgb_std", 1e-7), ("crf.pos_xy_std", 1e-3)])
 def test_crf_fields_are_checked_at_start(field, value):
     config = apply_overrides(base_config(), [(field, str(value))])  # as from the command line
     with pytest.raises(ConfigError, match=re.escape(f"'{field}' = {value!r}: expected a finite number")):
         validate_config(config)
+
+
+def test_the_smallest_crf_deviations_allowed_run_in_crf_ext():
+    """The config's minima are inside crf_ext's lattice bound on a 10000-px-wide white image."""
+    import crf_ext
+
+    config = validate_config(apply_overrides(base_config(), [
+        ("crf.bi_rgb_std", "2.56e-4"), ("crf.bi_xy_std", "0.01"), ("crf.pos_xy_std", "0.01")]))
+    image = np.full((1, 10000, 3), 255, np.uint8)
+    probs = np.full((2, 1, 10000), 0.5, np.float32)
+    out = crf_ext.dense_crf(image, probs, bi_w=1, bi_xy_std=config.crf.bi_xy_std, bi_rgb_std=config.crf.bi_rgb_std,
+                            pos_w=1, pos_xy_std=config.crf.pos_xy_std, n_iter=1)
+    assert out.shape == probs.shape and np.all(np.isfinite(out))
 
 
 def test_overrides_parse_by_field_type():

@@ -263,8 +263,11 @@ def validate_config(config: ConfigDict) -> ConfigDict:
         check(given[name] >= 0, name, "an integer >= 0")
     check(given["optim.lr"] > 0, "optim.lr", "> 0")
     # The CRF's checks would fail only at the first image (crf_ext.dense_crf has the same ones).
-    for name in ("crf.bi_xy_std", "crf.bi_rgb_std", "crf.pos_xy_std"):
-        check(math.isfinite(given[name]) and given[name] > 0, name, "a finite number > 0")
+    # crf_ext bounds every lattice feature (pixel index or colour / std) by 1e6: a colour of 255
+    # and images up to 10000 px wide stay inside it with these minima (float32 rounding included).
+    for name, smallest in (("crf.bi_xy_std", 1e-2), ("crf.bi_rgb_std", 2.56e-4), ("crf.pos_xy_std", 1e-2)):
+        check(math.isfinite(given[name]) and given[name] >= smallest, name,
+              f"a finite number >= {smallest:g} (smaller ones overflow the CRF's lattice)")
     for name in ("crf.bi_w", "crf.pos_w"):
         check(math.isfinite(given[name]), name, "a finite number")
     check(0 <= given["optim.momentum"] < 1, "optim.momentum", "in [0, 1)")
