@@ -308,14 +308,14 @@ def roi_window_pool(
 
 
 def use_bap_per_image(
-    bg_mask: jax.Array, cell_valid: jax.Array, bg_threshold: float = 0.125
+    bg_mask: jax.Array, cell_valid: jax.Array, gap_fallback_bg_fraction: float = 0.125
 ) -> jax.Array:
     """Images that pool with BAP: background > threshold of the crop and at least one valid cell.
 
     bg_mask `(B, S, S)` at crop resolution, cell_valid `(B, M)` -> bool `(B,)`.
     """
     bg_fraction = bg_mask.astype(jnp.float32).mean(axis=(1, 2))
-    return (bg_fraction > bg_threshold) & cell_valid.any(axis=1)
+    return (bg_fraction > gap_fallback_bg_fraction) & cell_valid.any(axis=1)
 
 
 def _check_inputs(features, bg_mask, boxes, box_valid):
@@ -340,7 +340,7 @@ def bap_vectors(
     *,
     grid_size: int = 4,
     pooling: str = "bap",
-    bg_threshold: float = 0.125,
+    gap_fallback_bg_fraction: float = 0.125,
     roi_output: tuple[int, int] = (2, 2),
     max_roi_hw: tuple[int, int] | None = None,
     map_over_images: bool = False,
@@ -355,7 +355,7 @@ def bap_vectors(
         image so that garbage coordinates cannot reach the gradient).
       grid_size: N of the N x N background grid.
       pooling: 'bap' (background-aware, with the per-image GAP fallback) or 'gap' (baseline).
-      bg_threshold: an image with background <= this fraction of the crop uses GAP.
+      gap_fallback_bg_fraction: an image with background <= this fraction of the crop uses GAP.
       roi_output: windows per ROI (official (2, 2)).
       max_roi_hw: fixed ROI grid, default (h, w).
       map_over_images: process images one at a time (`lax.map` + remat) to bound memory, rather than
@@ -374,7 +374,7 @@ def bap_vectors(
     small_mask = downsample_mask(bg_mask, feature_hw).astype(features.dtype)
     prototypes, cell_valid = grid_background_prototypes(features, small_mask, grid_size)
     if pooling == "bap":
-        use_bap = use_bap_per_image(bg_mask, cell_valid, bg_threshold)
+        use_bap = use_bap_per_image(bg_mask, cell_valid, gap_fallback_bg_fraction)
     else:
         use_bap = jnp.zeros(features.shape[0], bool)
 
@@ -426,7 +426,7 @@ def bap_loss(
     *,
     grid_size: int = 4,
     pooling: str = "bap",
-    bg_threshold: float = 0.125,
+    gap_fallback_bg_fraction: float = 0.125,
     roi_output: tuple[int, int] = (2, 2),
     max_roi_hw: tuple[int, int] | None = None,
     map_over_images: bool = False,
@@ -453,8 +453,8 @@ def bap_loss(
         )
     vec = bap_vectors(
         features, bg_mask, boxes, box_valid,
-        grid_size=grid_size, pooling=pooling, bg_threshold=bg_threshold, roi_output=roi_output,
-        max_roi_hw=max_roi_hw, map_over_images=map_over_images, precision=precision,
+        grid_size=grid_size, pooling=pooling, gap_fallback_bg_fraction=gap_fallback_bg_fraction,
+        roi_output=roi_output, max_roi_hw=max_roi_hw, map_over_images=map_over_images, precision=precision,
     )
     return vector_loss(vec, box_labels, box_valid, classifier_weight, precision=precision)
 

@@ -131,11 +131,11 @@ def labeler_forward(model: nnx.Module):
     return functools.partial(forward, state)
 
 
-@functools.partial(jax.jit, static_argnames=("grid_size", "pooling", "bg_threshold"))
+@functools.partial(jax.jit, static_argnames=("grid_size", "pooling", "gap_fallback_bg_fraction"))
 def _box_logits(features, bg_mask, boxes, box_valid, weight, *, grid_size, pooling,
-                bg_threshold):
+                gap_fallback_bg_fraction):
     vectors = bap.bap_vectors(features, bg_mask, boxes, box_valid, grid_size=grid_size,
-                              pooling=pooling, bg_threshold=bg_threshold)
+                              pooling=pooling, gap_fallback_bg_fraction=gap_fallback_bg_fraction)
     return bap.classify(vectors["fg_vectors"], weight)
 
 
@@ -149,8 +149,8 @@ def _network_input(sample: dict) -> jax.Array:
     return jnp.asarray(caffe_normalize(sample["image"])[None])
 
 
-def box_accuracy_on(model, samples, *, grid_size: int, pooling: str, bg_threshold: float,
-                    num_classes: int) -> dict:
+def box_accuracy_on(model, samples, *, grid_size: int, pooling: str,
+                    gap_fallback_bg_fraction: float, num_classes: int) -> dict:
     """Classification of ground-truth boxes: overall and per-class accuracy."""
     forward = labeler_forward(model)
     weight = model.classifier.weight
@@ -170,7 +170,7 @@ def box_accuracy_on(model, samples, *, grid_size: int, pooling: str, bg_threshol
         padded_labels[0, :len(boxes)] = labels
         bg_mask = bg_mask_from_boxes(boxes, height, width).astype(np.float32)[None]
         logits = _box_logits(features, bg_mask, padded, valid, weight, grid_size=grid_size,
-                             pooling=pooling, bg_threshold=bg_threshold)
+                             pooling=pooling, gap_fallback_bg_fraction=gap_fallback_bg_fraction)
         predicted = np.asarray(bap.box_predictions(logits))[0, :len(boxes)]
         np.add.at(total, labels, 1)
         np.add.at(correct, labels, (predicted == labels).astype(np.int64))
@@ -208,7 +208,7 @@ def box_accuracy(model, config, split: str, *, max_images: int = 0) -> dict:
     source = builders.data_source(config, split)
     return box_accuracy_on(model, _images(source, max_images),
                            grid_size=int(config.loss.grid_size), pooling=config.loss.pooling,
-                           bg_threshold=float(config.loss.gap_fallback_bg_fraction),
+                           gap_fallback_bg_fraction=float(config.loss.gap_fallback_bg_fraction),
                            num_classes=int(config.model.num_classes))
 
 

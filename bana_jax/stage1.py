@@ -67,7 +67,7 @@ def loss_options(config) -> dict[str, Any]:
     """bap_loss keywords from `config.loss`."""
     windows = int(config.loss.roi_windows)
     return dict(grid_size=int(config.loss.grid_size), pooling=str(config.loss.pooling),
-                bg_threshold=float(config.loss.gap_fallback_bg_fraction),
+                gap_fallback_bg_fraction=float(config.loss.gap_fallback_bg_fraction),
                 roi_output=(windows, windows))
 
 

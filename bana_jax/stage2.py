@@ -218,8 +218,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
       labeler: a `bana_jax.models.Labeler` (trained; put in eval mode here).
       source: random-access raw samples (`image`, `boxes` inclusive pixels, `box_labels`, `id`,
         optional `label`).
-      config: uses `pseudo.use_u0`, `pseudo.grid_size` (1), `pseudo.bg_threshold` (0.99),
-        `pseudo.save_visualisations`, `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`,
+      config: uses `pseudo.use_u0`, `pseudo.save_visualisations`, `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`,
         `model.num_classes` (unless num_classes is given).
       out_dir: where `Y_crf/`, `Y_ret/`, `baselines/grabcut/`, `visualisations/`, `summary.json` go.
       baselines: which of "box_fill", "grabcut" to score when ground truth exists (GrabCut costs
@@ -250,11 +249,6 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     """
     out_dir = Path(out_dir)
     pseudo, crf_cfg = config.pseudo, config.crf
-    if pseudo.grid_size != 1:
-        raise ValueError(f"pseudo.grid_size must be 1 (one background prototype), got {pseudo.grid_size}")
-    if abs(pseudo.bg_threshold - pl.BG_THRESHOLD) > 1e-12:
-        raise ValueError(f"pseudo.bg_threshold must be {pl.BG_THRESHOLD} (fixed in pseudo_labels), "
-                         f"got {pseudo.bg_threshold}")
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)}")

@@ -123,7 +123,7 @@ def window_pool(roi: np.ndarray, weight: np.ndarray, out=(2, 2)) -> np.ndarray:
 
 def stage1_reference(features, bg_mask, boxes, box_labels, box_valid, classifier_weight, *,
                      grid_size=4,
-                     pooling="bap", bg_threshold=0.125, roi_output=(2, 2)):
+                     pooling="bap", gap_fallback_bg_fraction=0.125, roi_output=(2, 2)):
     """The stage-1 loss, image by image and box by box.
 
     Returns dict: loss, fg_vectors {(b, k): (O_h * O_w, D)}, bg_vectors {(b, j): (D,)} (valid
@@ -140,7 +140,7 @@ def stage1_reference(features, bg_mask, boxes, box_labels, box_valid, classifier
             if ok:
                 bg_vectors[(b, j)] = p
         bg_fraction = float(np.mean(np.asarray(bg_mask[b], np.float64)))
-        bap = pooling == "bap" and bg_fraction > bg_threshold and len(valid_protos) > 0
+        bap = pooling == "bap" and bg_fraction > gap_fallback_bg_fraction and len(valid_protos) > 0
         use_bap.append(bap)
         for k in range(boxes.shape[1]):
             if not box_valid[b, k]:

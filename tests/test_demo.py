@@ -106,7 +106,7 @@ def test_shared_fields_reach_every_stage():
         for field in demo.SHARED_FIELDS:
             assert demo._get(configs[stage], field) == demo._get(config, field), (stage, field)
     # Dataset-independent fields stay those of each stage's file.
-    assert configs["stage3"].loss.name == "nal" and configs["stage2"].pseudo.grid_size == 1
+    assert configs["stage3"].loss.name == "nal" and configs["stage2"].pseudo.use_u0
 
 
 def test_real_data_is_refused():

@@ -395,11 +395,6 @@ def test_killed_run_leaves_no_partial_png_and_rerun_completes(run, tmp_path):
 
 def test_bad_settings(tmp_path):
     source = ListSource([rectangle_sample()])
-    config = make_config()
-    config.unlock()
-    config.pseudo.grid_size = 2
-    with pytest.raises(ValueError, match="grid_size"):
-        stage2.generate_pseudo_labels(make_labeler(), source, config, tmp_path, progress=False)
     with pytest.raises(ValueError, match="baselines"):
         stage2.generate_pseudo_labels(make_labeler(), source, make_config(), tmp_path, progress=False,
                                       baselines=("boxfill",))

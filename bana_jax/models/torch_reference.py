@@ -66,7 +66,8 @@ class LabelerRef(nn.Module):
           boxes: `(K, 4)` normalised `[x_min, y_min, x_max, y_max]` (`x / ((W - 1) / 2) - 1`),
             real boxes only; batch_of_box `(K,)` int: the image of each box; box_labels `(K,)`.
           bg_mask: `(B, H, W)` float, 1 = background, at crop resolution.
-          options: keywords of `stage1_vectors_ref` (grid_size, pooling, bg_threshold, roi_output).
+          options: keywords of `stage1_vectors_ref` (grid_size, pooling, gap_fallback_bg_fraction,
+            roi_output).
         Returns:
           the dict of `stage1_vectors_ref` plus features `(B, D, h, w)`, logits
           `(K * O_h * O_w + M, C)` (foreground vectors box by box, then background vectors),
@@ -177,14 +178,14 @@ def weighted_window_pool_ref(roi, weight, out=(2, 2)):
 
 
 def stage1_vectors_ref(features, bg_mask, boxes, batch_of_box, *, grid_size=4, pooling="bap",
-                       bg_threshold=0.125, roi_output=(2, 2)):
+                       gap_fallback_bg_fraction=0.125, roi_output=(2, 2)):
     """Foreground vectors of every box and background vectors of every valid grid cell.
 
     Args:
       features: `(B, D, h, w)`; bg_mask `(B, H, W)` at crop resolution, 1 = background.
       boxes: `(K, 4)` normalised; batch_of_box `(K,)` int.
       pooling: 'bap', or 'gap' (weight 1 everywhere); an image whose background is at most
-        `bg_threshold` of the crop, or that has no valid cell, uses GAP under 'bap' too.
+        `gap_fallback_bg_fraction` of the crop, or that has no valid cell, uses GAP under 'bap' too.
     Returns:
       dict: fg_vectors `(K, O_h * O_w, D)`, bg_vectors `(M, D)` (valid cells, image by image, cells
       row-major), bg_cells `[(b, j)] * M`, use_bap `[bool] * B`, roi_sizes `[(H_roi, W_roi)] * K`.
@@ -193,7 +194,8 @@ def stage1_vectors_ref(features, bg_mask, boxes, batch_of_box, *, grid_size=4, p
     # mode='nearest' is PyTorch's legacy rule src = floor(dst * in / out).
     small_mask = F.interpolate(bg_mask[:, None], size=(h, w), mode="nearest")
     prototypes, valid = grid_background_ref(features, small_mask, grid_size)
-    use_bap = [pooling == "bap" and bool(bg_mask[b].mean() > bg_threshold) and bool(valid[b].any())
+    use_bap = [pooling == "bap" and bool(bg_mask[b].mean() > gap_fallback_bg_fraction)
+               and bool(valid[b].any())
                for b in range(features.shape[0])]
     fg_vectors, roi_sizes = [], []
     for box, b in zip(boxes, batch_of_box.tolist()):

@@ -81,9 +81,8 @@ loss.*
 
 pseudo.*  (stage 2: pseudo-label generation)
   stage1_workdir  workdir of the stage-1 run whose latest checkpoint is used
-  split           which split to label; grid_size (1); bg_threshold (0.99 of the max)
+  split           which split to label
   use_u0          background unary from attention (False: ablation "without u_0")
-  pooling         'bap' | 'gap' (which stage-1 model the labels come from; informational)
   output_dir      '' -> WORKDIR/pseudo_labels
   save_visualisations  colour overlays + index.html
   image_bucket    0: the backbone compiles per exact image size (official features); B > 0: images
@@ -151,8 +150,7 @@ def base_config() -> ConfigDict:
         pooling="bap", grid_size=4, gap_fallback_bg_fraction=0.125, roi_windows=2,
         name="nal", tau=20.0, gamma=7.0, weight=0.1, detach_sigma=False))
     c.pseudo = ConfigDict(dict(
-        stage1_workdir="", split="train_aug", grid_size=1, bg_threshold=0.99, use_u0=True,
-        pooling="bap", output_dir="", save_visualisations=True, image_bucket=0,
+        stage1_workdir="", split="train_aug", use_u0=True, output_dir="", save_visualisations=True, image_bucket=0,
         baselines=("box_fill", "grabcut")))
     c.crf = ConfigDict(dict(
         iterations=10, bi_w=4.0, bi_xy_std=55.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=3.0))
@@ -173,7 +171,6 @@ CHOICES = {
     "optim.schedule": ("step", "poly", "constant"),
     "loss.pooling": ("bap", "gap"),
     "loss.name": ("nal", "ce_s", "ce_crf", "ce_ret", "er", "bs"),
-    "pseudo.pooling": ("bap", "gap"),
 }
 
 
@@ -255,7 +252,7 @@ def validate_config(config: ConfigDict) -> ConfigDict:
         check(given[name] in allowed, name, f"one of {allowed}")
     for name in ("data.batch_size", "data.crop_size", "data.max_boxes", "model.num_classes",
                  "train.num_steps", "train.log_every", "train.keep_checkpoints",
-                 "loss.grid_size", "pseudo.grid_size", "crf.iterations", "model.fc6_dilation"):
+                 "loss.grid_size", "crf.iterations", "model.fc6_dilation"):
         check(given[name] >= 1, name, "an integer >= 1")
     for name in ("data.max_images", "data.num_workers", "train.checkpoint_every", "eval.size_bucket",
                  "model.trainable_blocks",

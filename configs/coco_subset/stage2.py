@@ -26,8 +26,6 @@ def get_config():
 
     config.pseudo.stage1_workdir = ""
     config.pseudo.split = "train"
-    config.pseudo.grid_size = 1
-    config.pseudo.bg_threshold = 0.99
     config.pseudo.use_u0 = True
     config.pseudo.save_visualisations = True
 

@@ -20,7 +20,6 @@ def get_config():
     config.model.vgg_norm = "batch"          # as stage 1 (the labeler is rebuilt from its labeler.json)
 
     config.pseudo.split = "train"
-    config.pseudo.grid_size = 1
     config.pseudo.save_visualisations = True
     config.eval.split = "train"
     return config

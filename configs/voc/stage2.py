@@ -26,10 +26,7 @@ def get_config():
 
     config.pseudo.stage1_workdir = ""
     config.pseudo.split = "train_aug"
-    config.pseudo.grid_size = 1
-    config.pseudo.bg_threshold = 0.99
     config.pseudo.use_u0 = True
-    config.pseudo.pooling = "bap"
     config.pseudo.output_dir = ""          # -> WORKDIR/pseudo_labels
     config.pseudo.save_visualisations = True
 
