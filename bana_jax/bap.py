@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bana_jax.models.layers import l2_normalize
 from bana_jax.resize import resize_nearest
 
-NORM_EPS = 1e-12  # F.normalize's eps
 POOL_EPS = 1e-12  # added to every weighted-average denominator
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -35,13 +35,6 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-    """`x / max(||x||, eps)` like `F.normalize`, with a finite gradient at x = 0."""
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
-    # sqrt(max(sq, eps^2)) == max(sqrt(sq), eps); the max keeps sqrt away from 0 for the gradient.
-    return x / jnp.sqrt(jnp.maximum(sq, eps * eps))
 
 
 def grid_padding(size: int, grid_size: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ CRF_PARAM_NAMES = ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std")
 ScoreFn = Callable[[jax.Array], jax.Array]
 
 
-def scaled_size(size: int, scale: float) -> int:
+def floor_scaled_size(size: int, scale: float) -> int:
     """Output length of `F.interpolate(scale_factor=scale)`: floor(size * scale)."""
     out = math.floor(size * scale)
     if out < 1:
@@ -67,7 +67,7 @@ def multiscale_scores(score_fn: ScoreFn, images: jax.Array, *, scales: Sequence[
         if scale == 1.0:
             scaled = images
         else:
-            size = (scaled_size(height, scale), scaled_size(width, scale))
+            size = (floor_scaled_size(height, scale), floor_scaled_size(width, scale))
             scaled = resize_bilinear(images, size, align_corners=True)
         variants = [(scaled, False), (_flip(scaled), True)] if flip else [(scaled, False)]
         for inputs, flipped in variants:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bana_jax.models.layers import l2_normalize
 from bana_jax.resize import interp_matrix
 
 EPS_NORM = 1e-12  # F.normalize
@@ -293,14 +294,9 @@ def _ops(features, geom, fast):
     return _FastOps(features, geom) if fast else _DirectOps(features, geom)
 
 
-def _normalize(vectors, axis):
-    norm = jnp.sqrt(jnp.sum(vectors * vectors, axis=axis, keepdims=True))
-    return vectors / jnp.maximum(norm, EPS_NORM)
-
-
 def _relu_cosines(ops, vectors):
     """ReLU(cos(F(p), v_k)) for vectors `(D, K)` -> `(K, Hb, Wb)` (F.normalize on both sides)."""
-    dots = ops.dots(_normalize(vectors, 0))
+    dots = ops.dots(l2_normalize(vectors, axis=0, eps=EPS_NORM))
     return jax.nn.relu(dots / jnp.maximum(ops.norms(), EPS_NORM))
 
 

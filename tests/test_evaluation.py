@@ -78,7 +78,7 @@ def test_pass_sizes_follow_pytorch_scale_factor():
 
     evaluation.multiscale_scores(recording_model, jnp.zeros((1, 7, 9, 3)))
     assert seen == [(7, 9), (7, 9), (3, 4), (3, 4), (5, 6), (5, 6), (10, 13), (10, 13)]
-    assert evaluation.scaled_size(333, 0.75) == 249 and evaluation.scaled_size(333, 1.5) == 499
+    assert evaluation.floor_scaled_size(333, 0.75) == 249 and evaluation.floor_scaled_size(333, 1.5) == 499
 
 
 def test_single_scale_is_one_pass(images):
@@ -147,7 +147,7 @@ def test_bad_inputs(images):
         evaluation.crf_refine(np.zeros((2, 3, 3)), np.zeros((2, 3, C)), (4, 121, 5, 3, 3),
                               crf_fn=lambda *a, **k: None)
     with pytest.raises(ValueError, match="shrinks"):
-        evaluation.scaled_size(1, 0.5)
+        evaluation.floor_scaled_size(1, 0.5)
 
 
 def test_crf_refine_with_the_real_crf_matches_pydensecrf():

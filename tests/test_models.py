@@ -277,3 +277,20 @@ def test_bad_input_is_rejected():
         DeepLab("v3", 3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="classifier kind"):
         DeepLab("tiny", 3, classifier="euclid", rngs=nnx.Rngs(0))
+
+
+def test_cosine_head_matches_torch_and_has_a_finite_gradient_at_a_zero_feature():
+    """F.normalize's forward; the gradient at an all-zero feature (a ReLU'd pixel) used to be NaN
+    (the derivative of sqrt at 0), poisoning the whole update."""
+    import torch.nn.functional as F
+
+    from bana_jax.models.heads import Classifier
+
+    head = Classifier(4, 3, kind="cosine", rngs=nnx.Rngs(0))
+    features = np.random.default_rng(0).normal(size=(2, 5, 4)).astype(np.float32)
+    features[0, 0] = 0.0
+    expected = F.normalize(torch.from_numpy(features), dim=-1) @ F.normalize(
+        torch.from_numpy(np.asarray(head.kernel[...])), dim=0)
+    np.testing.assert_allclose(head(jnp.asarray(features)), expected.numpy(), rtol=1e-6, atol=1e-7)
+    grads = jax.grad(lambda f: jnp.sum(head(f) ** 2))(jnp.asarray(features))
+    assert np.all(np.isfinite(grads))

@@ -73,7 +73,9 @@ def _pad_value(key: str) -> int:
     return 0 if key == "bg_mask" else IGNORE_INDEX
 
 
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+def round_scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Training-time rescale: sides rounded to the nearest pixel, at least 1 (evaluation floors,
+    as `F.interpolate(scale_factor=...)` does: `evaluation.floor_scaled_size`)."""
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
@@ -106,7 +108,7 @@ def rescale(sample: dict, scale: float) -> dict:
     """Bilinear image (align_corners=False, as F.interpolate), nearest maps, boxes through the
     nearest index map. The image becomes float32."""
     h, w = sample["image"].shape[:2]
-    oh, ow = scaled_size(h, w, scale)
+    oh, ow = round_scaled_size(h, w, scale)
     out = dict(sample)
     if (oh, ow) == (h, w):
         out["image"] = sample["image"].astype(np.float32)
@@ -206,7 +208,7 @@ def draw_params(rng: np.random.Generator, height: int, width: int,
                 cfg: AugmentConfig) -> AugmentParams:
     """Draw scale, crop offset, flip and jitter factors, in that order."""
     scale = float(rng.uniform(*cfg.scale_range))
-    sh, sw = scaled_size(height, width, scale)
+    sh, sw = round_scaled_size(height, width, scale)
     ph, pw = max(sh, cfg.crop_size), max(sw, cfg.crop_size)
     crop_y = int(rng.integers(0, ph - cfg.crop_size + 1))
     crop_x = int(rng.integers(0, pw - cfg.crop_size + 1))

@@ -198,9 +198,10 @@ class BatchNorm(nnx.Module):
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """`F.normalize(x, dim=axis)`: x / max(||x||, eps)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """`F.normalize(x, dim=axis)`: x / max(||x||, eps), with a finite gradient at x = 0."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    # sqrt(max(sq, eps^2)) == max(sqrt(sq), eps); the max keeps sqrt away from 0 for the gradient.
+    return x / jnp.sqrt(jnp.maximum(sq, eps * eps))
 
 
 def check_images(images: jax.Array, name: str = "images") -> None:
