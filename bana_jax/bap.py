@@ -5,7 +5,7 @@ resamples each box's ROI at its own size; here every ROI is resampled on one fix
 `(max_roi_h, max_roi_w)` (default: the feature map size) and the rows/columns beyond the box's own
 ROI size are masked out, so a batch of padded boxes `(B, K, 4)` goes through one einsum.
 
-Conventions (method.md "Stage 1", official-code details):
+Conventions (supplement and official-code details):
 - features `(B, h, w, D)`, NHWC; boxes `(B, K, 4)` normalised `[x_min, y_min, x_max, y_max]` with
   `x_n = x / ((W - 1) / 2) - 1` at crop resolution; box_valid `(B, K)` marks real boxes.
 - ROI of a box: bilinear `grid_sample` (zero padding, align_corners=False) at

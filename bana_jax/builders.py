@@ -61,7 +61,7 @@ class _NamedSource:
 
 def data_source(config, split: str | None = None, *, pseudo_labels: str | Path | None = None,
                 max_images: int | None = None):
-    """Random-access source of raw samples (HELPERS.md layout) for `split` (default data.split).
+    """Random-access source of raw samples (the layout of `data/common.py`) for `split` (default data.split).
 
     `pseudo_labels`: a stage-2 output folder; samples then also carry `y_crf` and `y_ret`.
     `max_images`: keep the first N records (0 = all); None = `data.max_images` (a training

@@ -1,4 +1,4 @@
-"""Stage 2 of BANA: pseudo labels `Y_crf` and `Y_ret` from a trained stage-1 labeler (method.md).
+"""Stage 2 of BANA: pseudo labels `Y_crf` and `Y_ret` from a trained stage-1 labeler (main paper, stage 2).
 
 The official code upsamples the 1024-channel features to image size (bilinear, align_corners=True)
 and does every step there (~0.75 GB per VOC image). Everything stage 2 needs from the upsampled
@@ -511,7 +511,7 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
                   crf: Callable[[np.ndarray, np.ndarray], np.ndarray], use_bg_unary: bool = True,
                   unseen_classes: Sequence[int] = (), fast: bool = True, feature_bucket=None,
                   image_bucket=None, max_boxes: int | None = None, max_classes: int | None = None) -> dict:
-    """Y_crf and Y_ret of one image (method.md "Stage 2").
+    """Y_crf and Y_ret of one image (main paper, stage 2, as the official script computes it).
 
     features `(h, w, D)` from the labeler in eval mode; image uint8 `(H, W, 3)` RGB; boxes `(K, 4)`
     pixel `[x_min, y_min, x_max, y_max]`; box_labels `(K,)` in 1..C-1; classifier_weight `(D, C)`.

@@ -500,7 +500,7 @@ def _category_map(source) -> dict[int, int] | None:
 def voc_weights_for_coco(labeler_weight, source) -> tuple[np.ndarray, tuple[int, ...]] | None:
     """The classifier weights of a VOC labeler for the 80 COCO classes, or None if this is not that case.
 
-    The case (method.md "Unseen classes (VOC -> COCO)"): the labeler scores the 21 VOC classes
+    The case (the paper's unseen-class experiment, VOC -> COCO): the labeler scores the 21 VOC classes
     (`labeler_weight` `(D, 21)`) and `source` gives the 80 COCO classes (`data.classes = 'coco'`,
     class ids 1..80 = categories in ascending id). A category that is a VOC class (COCO_TO_VOC) is
     scored by that VOC class's column; the other 60 have no weight (unseen: `1 - u_0` inside their

@@ -49,7 +49,7 @@ STAGE3_MODELS = ("deeplab_v1", "deeplab_v2", "vgg_tiny")  # the ones torch_refer
 
 
 def random_batch(batch: int, crop: int, max_boxes: int, valid_boxes: int, seed: int = 0) -> dict:
-    """A training batch in the HELPERS.md layout with random images and boxes."""
+    """A training batch in the layout of bana_jax/data/common.py with random images and boxes."""
     rng = np.random.default_rng(seed)
     image = rng.normal(0, 50, size=(batch, crop, crop, 3)).astype(np.float32)
     boxes = np.zeros((batch, max_boxes, 4), np.float32)

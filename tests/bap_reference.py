@@ -1,4 +1,4 @@
-"""Loop-based NumPy transcription of stage 1 (method.md "Stage 1" + official-code details).
+"""Loop-based NumPy transcription of stage 1 (supplement + official-code details).
 
 Independent of bana_jax.bap: one image and one box at a time, each ROI at its own size, a
 hand-written bilinear sampler following grid_sample's formula (align_corners=False, zeros padding),

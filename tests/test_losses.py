@@ -1,4 +1,4 @@
-"""Stage-3 losses against per-pixel NumPy transcriptions of method.md / supplement Eq. 4-8."""
+"""Stage-3 losses against per-pixel NumPy transcriptions of supplement Eq. 4-8."""
 
 import numpy as np
 import pytest
@@ -38,7 +38,7 @@ def softmax_ref(z):
 
 
 def pixels(y_crf, y_ret):
-    """Yields (b, i, j, region) with region 'S', '~S' or None (padding), per method.md."""
+    """Yields (b, i, j, region) with region 'S', '~S' or None (padding), as the paper defines them."""
     for b, i, j in np.ndindex(*y_crf.shape):
         c, r = int(y_crf[b, i, j]), int(y_ret[b, i, j])
         if c == IGNORE_INDEX:

@@ -1,4 +1,4 @@
-"""Stage-2 pseudo labels against a loop-based float64 NumPy transcription of method.md, and cases
+"""Stage-2 pseudo labels against a loop-based float64 NumPy transcription of the paper's stage 2, and cases
 whose answer is known by construction."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from bana_jax import pseudo_labels as pl
 
 # ------------------------------------------------------------------------------------------------
-# Reference: method.md "Stage 2" / the official script, literally, in float64
+# Reference: the paper's stage 2 / the official script, literally, in float64
 # ------------------------------------------------------------------------------------------------
 
 

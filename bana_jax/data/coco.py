@@ -27,7 +27,7 @@ from bana_jax.data.common import (BoxStats, DataError, load_or_skip, read_image,
 
 log = logging.getLogger(__name__)
 
-# COCO category id -> VOC class index (../shared/data/README.md).
+# COCO category id -> VOC class index (the 20 VOC classes are COCO categories of the same names).
 COCO_TO_VOC = {5: 1, 2: 2, 16: 3, 9: 4, 44: 5, 6: 6, 3: 7, 17: 8, 62: 9, 21: 10, 67: 11, 18: 12,
                19: 13, 4: 14, 1: 15, 64: 16, 20: 17, 63: 18, 7: 19, 72: 20}
 CATEGORY_SETS = ("voc20", "all80")
@@ -149,7 +149,7 @@ def _segmentation_mask(segmentation, height: int, width: int, where: str, what: 
 
 
 class CocoSource:
-    """Random-access COCO samples (raw sample dicts, see HELPERS.md / common.py).
+    """Random-access COCO samples (raw sample dicts, see common.py).
 
     root/annotations/instances_{split}.json and root/{split}/<file_name>.
     require_boxes: keep only images with at least one box of the category set (training).

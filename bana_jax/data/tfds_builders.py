@@ -45,7 +45,7 @@ def _example(sample: dict, image_path: str) -> dict:
 
 
 class VocSbd(tfds.core.GeneratorBasedBuilder):
-    """PASCAL VOC 2012 + SBD (method.md layout) from manual_dir."""
+    """PASCAL VOC 2012 + SBD (the layout of `voc.py`) from manual_dir."""
 
     VERSION = tfds.core.Version("1.0.0")
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Place the VOC 2012 + SBD tree (JPEGImages/, Annotations/, "

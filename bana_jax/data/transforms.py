@@ -1,4 +1,4 @@
-"""Training augmentation (method.md, stages 1 and 3) and the network-input conversion.
+"""Training augmentation (stages 1 and 3) and the network-input conversion.
 
 Order, as in the official code: random scale U(0.5, 1.5) -> pad to the crop -> random crop ->
 horizontal flip -> colour jitter (brightness, contrast, saturation) -> Caffe normalisation, boxes to

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 + SBD in the layout of method.md.
+"""PASCAL VOC 2012 + SBD (SegmentationClassAug), in the official code's layout.
 
     root/JPEGImages/<id>.jpg
     root/Annotations/<id>.xml                 boxes of all objects (difficult ones included)

@@ -1,7 +1,7 @@
 """PyTorch reference networks (plain torch.nn, NCHW) with the official BANA state-dict keys.
 
-Written from the layer descriptions in docs/method.md, independently of our Flax code, as the
-numerics reference for the parity tests and `bana compare-torch`. Needs torch (the `torch` extra).
+Written from the paper's and the official code's layer descriptions, independently of our Flax code,
+as the numerics reference for the parity tests and `bana compare-torch`. Needs torch (the `torch` extra).
 
 `LabelerRef.forward_boxes` is the stage-1 forward with boxes as the official code runs it (grid
 background prototypes, background attention, each box's ROI resampled with `F.grid_sample` at its
@@ -91,7 +91,7 @@ class DeepLabV1Ref(LabelerRef):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1 with boxes (method.md "Stage 1", official-code details), one image and box at a time
+# Stage 1 with boxes (supplement and official-code details), one image and box at a time
 # ----------------------------------------------------------------------------------------------
 
 POOL_EPS = 1e-12  # added to every weighted-average denominator, as in the official code

@@ -8,7 +8,7 @@ Field reference (groups)
 ------------------------
 stage                     'stage1' | 'stage2' | 'stage3' | 'demo': what the file configures.
 
-data.*  (input pipeline, HELPERS.md batch contract)
+data.*  (input pipeline; sample and batch layout: bana_jax/data/common.py)
   name            'voc' | 'coco' | 'coco_subset' | 'synthetic'
   root            dataset root (VOC: folder with JPEGImages/, Annotations/, ...; COCO: year folder)
   split           training split ('train_aug' for VOC, 'train2017' for COCO)

@@ -5,7 +5,7 @@
 - `model`: a Flax NNX module (initialised, pretrained weights loaded); it is split into a
   functional `TrainState` (see `state.py`).
 - `loss_fn(model, batch, step) -> (loss, {name: scalar})`, `batch` a dict of global arrays
-  sharded over "data" (the HELPERS.md batch contract), `step` the int32 iteration.
+  sharded over "data" (the batch layout of `bana_jax/data/common.py`), `step` the int32 iteration.
 - `batch_iterator`: yields this process's slice of each batch (dict of NumPy arrays, leading axis
   `data.batch_size / process_count`); if it has `get_state()` / `set_state(dict)` (like grain's
   DatasetIterator), its position is checkpointed and restored.

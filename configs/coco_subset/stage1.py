@@ -1,8 +1,8 @@
 """Any COCO-format folder (images + instances json), the 20 VOC classes, stage 1: the CPU recipe.
 
     bana stage1 --config=configs/coco_subset/stage1.py --workdir=runs/coco128_stage1 \
-        --config.data.images=../shared/data/coco128/train2017 \
-        --config.data.annotations=../shared/data/coco128/annotations/instances_train2017.json
+        --config.data.images=/data/coco128/train2017 \
+        --config.data.annotations=/data/coco128/annotations/instances_train2017.json
 
 COCO categories that are VOC classes are mapped to them; other boxes are dropped. The recipe for a
 small set on a CPU (docs/RESULTS.md has its figures and an ablation of each choice):

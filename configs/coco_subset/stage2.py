@@ -1,8 +1,8 @@
 """Any COCO-format folder, 20 VOC classes, stage 2: pseudo labels from a coco_subset stage-1 run.
 
     bana stage2 --config=configs/coco_subset/stage2.py --workdir=runs/coco128_stage2 \
-        --config.data.images=../shared/data/coco128/train2017 \
-        --config.data.annotations=../shared/data/coco128/annotations/instances_train2017.json \
+        --config.data.images=/data/coco128/train2017 \
+        --config.data.annotations=/data/coco128/annotations/instances_train2017.json \
         --config.pseudo.stage1_workdir=runs/coco128_stage1
 
 Pseudo labels are scored against the masks in the annotations (as BANA does on VOC train).
