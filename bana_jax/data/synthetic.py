@@ -230,41 +230,14 @@ class SyntheticSource:
         return f"SyntheticSource({self.cfg})"
 
 
-def box_fill_label(boxes, box_labels, height: int, width: int) -> np.ndarray:
-    """The box-filling baseline: every box painted with its class, larger boxes first (so smaller
-    ones stay on top), 0 elsewhere. Boxes are inclusive pixel-index coordinates. uint8 (H, W)."""
-    out = np.zeros((height, width), np.uint8)
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
-    for k in np.argsort(-areas, kind="stable"):
-        x0, y0, x1, y1 = boxes[k]
-        out[int(np.ceil(y0)):int(np.floor(y1)) + 1, int(np.ceil(x0)):int(np.floor(x1)) + 1] = \
-            box_labels[k]
-    return out
-
-
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) counts, rows = ground truth, columns = prediction; gt 255 ignored."""
-    valid = gt != 255
-    idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def miou(conf: np.ndarray) -> float:
-    """Mean IoU over classes that occur in the ground truth or the prediction."""
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    return float(np.mean(inter[present] / union[present]))
-
-
 def box_fill_miou(source, num_images: int | None = None) -> float:
     """mIoU (background included) of the box-filling baseline against the ground truth."""
+    from bana_jax import baselines, metrics  # jax-backed: only for this check
+
     num_classes = len(source.class_names)
     conf = np.zeros((num_classes, num_classes), np.int64)
     for i in range(len(source) if num_images is None else min(num_images, len(source))):
         s = source[i]
-        h, w = s["label"].shape
-        conf += confusion_matrix(box_fill_label(s["boxes"], s["box_labels"], h, w), s["label"],
-                                 num_classes)
-    return miou(conf)
+        conf += metrics.confusion_matrix(baselines.box_fill(s["boxes"], s["box_labels"], s["label"].shape),
+                                         s["label"], num_classes)
+    return metrics.mean_iou(conf)
