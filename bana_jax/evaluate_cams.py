@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bana_jax import bap, builders
+from bana_jax import artifacts, bap, builders
 from bana_jax.constants import IGNORE_INDEX
 from bana_jax.data.common import box_masks, bg_mask_from_boxes
 from bana_jax.data.transforms import caffe_normalize, normalize_boxes
@@ -250,11 +250,9 @@ def format_table(names, precision, mean: float) -> str:
 
 def main(config, workdir: str | Path) -> dict:
     """`bana evaluate-cams`: loads WORKDIR's trained labeler, prints and writes the metrics."""
-    from bana_jax import stage1
-
     workdir = Path(workdir)
-    model = stage1.load_trained_labeler(workdir)
-    info = stage1.labeler_info(workdir)
+    model = artifacts.load_model(workdir, "labeler")
+    info = artifacts.model_info(workdir, "labeler")
     names = list(info.get("class_names") or builders.class_names(config))
     max_images = int(config.eval.max_images)
 

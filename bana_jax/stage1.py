@@ -13,40 +13,31 @@ What a finished run leaves in WORKDIR:
     metrics.jsonl        step, loss, accuracies, lr, images/s, ETA
     checkpoints/<step>/  full train state + data position (resume; train_loop)
     train_done.json      written when train.num_steps is reached
-    labeler/             the trained labeler for stage 2: an orbax StandardCheckpointer tree
-                         {"variables": nnx.to_pure_dict(non-RNG state)} (params and any
-                         BatchNorm statistics), read by `load_trained_labeler`
-    labeler.json         what rebuilds the network: {"model": config.model, "step", "pooling",
-                         "grid_size", "class_names"}
+    model/, model.json   the trained labeler for stage 2 (`bana_jax.artifacts`; model.json adds
+                         "step", "pooling", "grid_size", "class_names")
     stage1_summary.json  final metrics and the classification accuracy on ground-truth boxes
 
-Stage 2 loads the network with `load_trained_labeler(workdir)` (or with its own config, whose
-`pseudo.stage1_workdir` names the stage-1 workdir); the returned Labeler is in eval mode.
+Stage 2 loads the network with `artifacts.load_model(workdir, "labeler")` (eval mode).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from bana_jax import bap, builders, stage1_frozen
+from bana_jax import artifacts, bap, builders, stage1_frozen
 from bana_jax.train import mesh as mesh_lib
-from bana_jax.train.config import base_config
 from bana_jax.train.loop import TrainResult, configure_compilation_cache, train_loop
 
 logger = logging.getLogger("bana_jax.stage1")
 
-LABELER_DIR = "labeler"
-LABELER_JSON = "labeler.json"
 SUMMARY_JSON = "stage1_summary.json"
 
 # Above this many bytes of ROI tensor `(B, K, h, w, D)` float32 the loss pools one image at a
@@ -140,97 +131,16 @@ def make_loss_fn(config, *, num_groups: int = 1, map_over_images: bool | None = 
 
 
 def build_model(config) -> nnx.Module:
-    """The labeler of `config.model` with its initial weights (`builders.init_weights`)."""
-    model = builders.build_labeler(config)
-    return builders.init_weights(model, config)
+    """The labeler of `config.model` with its initial weights (`artifacts.init_weights`)."""
+    return artifacts.init_weights(builders.build_labeler(config), config)
 
 
 def export_labeler(model: nnx.Module, config, workdir: str | Path, step: int) -> Path:
-    """Writes the trained labeler to `WORKDIR/labeler/` and `WORKDIR/labeler.json`.
-
-    Every process takes part (orbax); process 0 writes the JSON.
-    """
-    import orbax.checkpoint as ocp
-
-    workdir = Path(workdir).absolute()
-    path = workdir / LABELER_DIR
-    _, _, variables = nnx.split(model, nnx.RngState, ...)
-    tree = {"variables": nnx.to_pure_dict(variables)}
-    if mesh_lib.is_main_process() and path.exists():
-        shutil.rmtree(path)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, tree)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    if mesh_lib.is_main_process():
-        info = {"model": config.model.to_dict(), "step": int(step),
-                "pooling": config.loss.pooling, "grid_size": int(config.loss.grid_size),
-                "class_names": list(builders.class_names(config))}
-        (workdir / LABELER_JSON).write_text(json.dumps(info, indent=2))
-    return path
-
-
-def _stage1_workdir(workdir_or_config) -> Path:
-    if isinstance(workdir_or_config, ml_collections.ConfigDict):
-        workdir = workdir_or_config.pseudo.stage1_workdir
-        if not workdir:
-            raise ValueError("config.pseudo.stage1_workdir is empty: set it to the workdir of a "
-                             "finished `bana stage1` run")
-        return Path(workdir)
-    if isinstance(workdir_or_config, (str, Path)):
-        return Path(workdir_or_config)
-    raise TypeError("workdir_or_config must be a stage-1 workdir (str or Path) or a ConfigDict "
-                    f"with pseudo.stage1_workdir, got {type(workdir_or_config).__name__}")
-
-
-def labeler_info(workdir_or_config) -> dict:
-    """The `labeler.json` of a finished stage-1 run (model config, step, class names)."""
-    workdir = _stage1_workdir(workdir_or_config)
-    path = workdir / LABELER_JSON
-    if not path.is_file() or not (workdir / LABELER_DIR).is_dir():
-        raise FileNotFoundError(
-            f"{workdir} holds no trained labeler ({LABELER_JSON} and {LABELER_DIR}/); run "
-            f"`bana stage1 --workdir={workdir}` to the end first")
-    return json.loads(path.read_text())
-
-
-def _concrete_rng(leaf):
-    # RNG streams are not saved; an eval-mode labeler never draws from them.
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return jax.random.key(0)
-    return jnp.zeros(leaf.shape, leaf.dtype)
-
-
-def load_trained_labeler(workdir_or_config) -> nnx.Module:
-    """The trained stage-1 Labeler (eval mode) of a finished `bana stage1` run.
-
-    Args:
-      workdir_or_config: the stage-1 workdir, or a config whose `pseudo.stage1_workdir` names it.
-    Returns:
-      a `bana_jax.models.Labeler`: `labeler(images (B, H, W, 3))` -> features `(B, h, w, D)`,
-      `labeler.classifier.weight` `(D, C)`. Arrays live on the default device.
-    """
-    import orbax.checkpoint as ocp
-
-    workdir = _stage1_workdir(workdir_or_config).absolute()
-    info = labeler_info(workdir)
-    config = base_config()
-    config.model.update(info["model"])
-    config.model.init = "none"  # the saved weights replace whatever the init would load
-    # Shapes only: no random init of a full VGG16 just to overwrite it.
-    abstract = nnx.eval_shape(lambda: builders.build_labeler(config))
-    graphdef, rng_state, variables = nnx.split(abstract, nnx.RngState, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          {"variables": nnx.to_pure_dict(variables)})
-    checkpointer = ocp.StandardCheckpointer()
-    restored = checkpointer.restore(workdir / LABELER_DIR, target)
-    checkpointer.close()
-    nnx.replace_by_pure_dict(variables, restored["variables"])
-    rng_state = jax.tree.map(_concrete_rng, rng_state)
-    model = nnx.merge(graphdef, rng_state, variables)
-    model.eval()
-    return model
+    """Writes the trained labeler to `WORKDIR/model/` and `WORKDIR/model.json` (`artifacts`),
+    with the step, pooling, grid size and class names. Every process takes part."""
+    return artifacts.save_model(model, workdir, artifacts.model_config(
+        config, "labeler", step=int(step), pooling=config.loss.pooling, grid_size=int(config.loss.grid_size),
+        class_names=list(builders.class_names(config))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +224,7 @@ def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
     model = labeler if config.model.freeze_backbone else result.model()
     model.eval()
     export_labeler(model, config, workdir, step)
-    logger.info("trained labeler written to %s", workdir / LABELER_DIR)
+    logger.info("trained labeler written to %s", workdir / artifacts.MODEL_DIR)
 
     from bana_jax import evaluate_cams
     from bana_jax.data.common import DataError

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import crf_ext
+from bana_jax import artifacts
 from bana_jax import baselines as baselines_lib
 from bana_jax import io as bio
 from bana_jax import metrics
@@ -543,7 +544,6 @@ def main(config, workdir) -> dict:
     20 VOC ones with their VOC weights, the other 60 as unseen classes (`voc_weights_for_coco`).
     COCO data: the labels are also written as RLE instance masks, `OUT/instances_y_crf.json`."""
     from bana_jax import builders
-    from bana_jax.stage1 import load_trained_labeler  # written alongside; imported lazily
     from bana_jax.train.config import ConfigError
     from bana_jax.train.loop import configure_compilation_cache
 
@@ -555,7 +555,7 @@ def main(config, workdir) -> dict:
     if jax.process_index() == 0:  # what `bana stage2` compares a re-run with
         bio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     configure_compilation_cache(config.train.compilation_cache, workdir)
-    labeler = load_trained_labeler(config.pseudo.stage1_workdir)
+    labeler = artifacts.load_model(config.pseudo.stage1_workdir, "labeler")
     source = builders.data_source(config, config.pseudo.split)
     try:
         names = builders.class_names(config)

@@ -8,11 +8,12 @@ They are augmented with the image (nearest resizing, crop, flip), padding is 255
 reliable region S = {Y_crf == Y_ret} is built from the augmented maps inside the loss.
 
 Workdir layout:
-    deeplab.json        the architecture (model.* fields, tau, seed), written before training
+    model.json          the architecture (`bana_jax.artifacts`), written before training
     checkpoints/<step>  train state + data position (resumable, see bana_jax.train)
     metrics.jsonl       training scalars
-    model/              final weights (params + BatchNorm statistics), written at the last step
-`load_trained_deeplab(workdir)` rebuilds the network from the last two; `bana evaluate` uses it.
+    model/              final weights (`bana_jax.artifacts`), written at the last step
+`load_trained_deeplab(workdir)` rebuilds the network from model.json and model/ (or a train
+checkpoint); `bana evaluate` uses it.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from bana_jax import builders, io
+from bana_jax import artifacts, builders
 from bana_jax.losses import segmentation_loss
 from bana_jax.models import DeepLab, param_group_labels
-from bana_jax.train import TrainResult, base_config, train_loop
-from bana_jax.train.mesh import is_main_process, mesh_for_batch
+from bana_jax.train import TrainResult, train_loop
+from bana_jax.train.mesh import mesh_for_batch
 
 logger = logging.getLogger("bana_jax.stage3")
 
@@ -38,8 +38,7 @@ LOSS_KINDS = {"nal": "nal", "ce_s": "ce_reliable", "ce_crf": "ce_crf", "ce_ret":
               "er": "entropy", "bs": "bootstrap"}
 # Only these batch entries reach the device: the ground truth `label` and the boxes never do.
 BATCH_KEYS = ("image", "y_crf", "y_ret")
-ARCH_FILE = "deeplab.json"
-MODEL_DIR = "model"
+MODEL_DIR = artifacts.MODEL_DIR
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -105,73 +104,9 @@ def check_pseudo_labels(directory) -> Path:
 # The trained model on disk.
 
 
-def _architecture(config) -> dict:
-    return {"model": config.model.to_dict(), "tau": float(config.loss.tau),
-            "seed": int(config.train.seed)}
-
-
-def _config_from_architecture(arch: dict):
-    config = base_config()
-    config.model.update(arch["model"])
-    config.loss.tau = float(arch["tau"])
-    config.train.seed = int(arch["seed"])
-    return config
-
-
-def _split_model(model: nnx.Module):
-    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    return params, model_state
-
-
 def save_trained_deeplab(model: nnx.Module, config, workdir) -> Path:
-    """Writes the architecture and `model`'s weights to WORKDIR/deeplab.json and WORKDIR/model/.
-
-    Every process must call this (orbax coordinates the write); the main process writes the JSON.
-    """
-    workdir = Path(workdir).absolute()
-    if is_main_process():
-        io.write_json(workdir / ARCH_FILE, _architecture(config))
-    params, model_state = _split_model(model)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(workdir / MODEL_DIR, {"params": params, "model_state": model_state},
-                      force=True)
-    checkpointer.wait_until_finished()
-    return workdir / MODEL_DIR
-
-
-def _path_key(path) -> tuple[str, ...]:
-    """Names along a pytree path, as strings, without a Variable's `value` leaf name."""
-    names = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            names.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            names.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            names.append(key.name)
-    if names and names[-1] == "value":
-        names.pop()
-    return tuple(names)
-
-
-def _fill(target, raw: dict, where: str):
-    """`target` (an nnx.State) with its leaves replaced by the arrays of the raw dict `raw`."""
-    raw_leaves = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    out, missing = [], []
-    for path, leaf in leaves:
-        key = _path_key(path)
-        if key not in raw_leaves:
-            missing.append("/".join(key))
-            continue
-        value = raw_leaves[key]
-        if tuple(value.shape) != tuple(leaf.shape):
-            raise ValueError(f"{where}: {'/'.join(key)} has shape {tuple(value.shape)}, the model "
-                             f"expects {tuple(leaf.shape)}")
-        out.append(jnp.asarray(value, leaf.dtype))
-    if missing:
-        raise ValueError(f"{where} lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    return jax.tree_util.tree_unflatten(treedef, out)
+    """Writes the trained DeepLab to WORKDIR/model/ (`artifacts`). Every process takes part."""
+    return artifacts.save_model(model, workdir, artifacts.model_config(config, "deeplab"))
 
 
 def resolve_checkpoint(workdir, checkpoint: str = "") -> tuple[Path, str]:
@@ -203,22 +138,12 @@ def resolve_checkpoint(workdir, checkpoint: str = "") -> tuple[Path, str]:
 def load_trained_deeplab(workdir, checkpoint: str = "") -> DeepLab:
     """The DeepLab of a stage-3 workdir with its trained weights, in eval mode.
 
-    See `resolve_checkpoint` for `checkpoint`. The architecture comes from WORKDIR/deeplab.json.
+    See `resolve_checkpoint` for `checkpoint`. The architecture comes from WORKDIR/model.json.
     """
-    workdir = Path(workdir).absolute()
-    arch_file = workdir / ARCH_FILE
-    if not arch_file.is_file():
-        raise FileNotFoundError(f"{arch_file} not found: {workdir} is not a stage-3 workdir")
-    import json
-
-    config = _config_from_architecture(json.loads(arch_file.read_text()))
+    info = artifacts.model_info(workdir, "deeplab")
     path, kind = resolve_checkpoint(workdir, checkpoint)
-    with jax.threefry_partitionable(False):  # random init is overwritten; this compiles fast
-        model = builders.build_deeplab(config)
-    raw = ocp.StandardCheckpointer().restore(path / "state" if kind == "train" else path)
-    params, model_state = _split_model(model)
-    nnx.update(model, _fill(params, raw["params"], str(path)),
-               _fill(model_state, raw.get("model_state", {}), str(path)))
+    model = artifacts.build(info)
+    artifacts.fill_variables(model, artifacts.restore(path / "state" if kind == "train" else path), str(path))
     model.eval()
     logger.info("loaded %s weights from %s", kind, path)
     return model
@@ -236,9 +161,8 @@ def train(config, workdir, *, mesh=None, stop_after: int | None = None) -> Train
     pseudo_labels = check_pseudo_labels(config.data.pseudo_labels)
     loss_fn = make_loss_fn(config)
     workdir = Path(workdir)
-    model = builders.init_weights(builders.build_deeplab(config), config)
-    if is_main_process():
-        io.write_json(workdir / ARCH_FILE, _architecture(config))
+    model = artifacts.init_weights(builders.build_deeplab(config), config)
+    artifacts.write_model_json(workdir, artifacts.model_config(config, "deeplab"))
     source = builders.data_source(config, pseudo_labels=pseudo_labels)
     batches = SelectKeys(builders.training_batches(config, source), BATCH_KEYS)
     logger.info("stage 3: %s, loss %s, %d images from %s", config.model.name, config.loss.name,

@@ -94,7 +94,7 @@ def test_summary_matches_what_the_stages_wrote(demo_run):
             got = summary["per_class_val"][name][key]
             assert (got is None) if np.isnan(expected) else got == pytest.approx(expected, abs=1e-6), (name, key)
     # The stage-1 labeler and the stage-3 network have the dataset's classes.
-    arch = json.loads((workdir / "stage3" / "deeplab.json").read_text())
+    arch = json.loads((workdir / "stage3" / "model.json").read_text())
     assert arch["model"]["num_classes"] == num_classes == len(train.class_names)
 
 

@@ -181,9 +181,9 @@ def test_crf_sees_the_rgb_image_or_the_official_uint8_cast(trained, val_source, 
 
 def test_softmax_uses_the_trained_tau_not_an_eval_time_override(trained, val_source, caplog):
     """`loss.tau` overridden at evaluation: the CRF still gets softmax(tau * cosines) with the tau
-    of WORKDIR/deeplab.json (the one the model was trained with), and a warning says so."""
+    of WORKDIR/model.json (the one the model was trained with), and a warning says so."""
     config, workdir = trained
-    trained_tau = json.loads((workdir / stage3.ARCH_FILE).read_text())["tau"]
+    trained_tau = json.loads((workdir / "model.json").read_text())["tau"]
     config = demo_config(config.data.pseudo_labels, config.train.compilation_cache, NUM_STEPS)
     config.eval.update(scales=(1.0,), flip=False, crf=True, max_images=1)
     config.loss.tau = trained_tau / 4
@@ -220,7 +220,7 @@ def test_softmax_uses_the_trained_tau_not_an_eval_time_override(trained, val_sou
 
 
 def test_missing_model_and_unlabelled_split_fail_clearly(tmp_path, trained):
-    with pytest.raises(FileNotFoundError, match="stage-3 workdir"):
+    with pytest.raises(FileNotFoundError, match="holds no trained deeplab .*bana stage3 --workdir="):
         stage3.load_trained_deeplab(tmp_path)
     config, workdir = trained
 

@@ -24,7 +24,7 @@ jax.config.update("jax_compilation_cache_dir", "/tmp/bana_jax_test_jit_cache")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-from bana_jax import builders  # noqa: E402
+from bana_jax import artifacts  # noqa: E402
 from bana_jax.models import DeepLab, Labeler, build_deeplab, param_group_labels  # noqa: E402
 from bana_jax.models import pretrained, torch_io  # noqa: E402
 from bana_jax.models.efficientnet import EfficientNetLite0  # noqa: E402
@@ -197,7 +197,7 @@ def test_labeler_deeplab_builders_and_imagenet_init(state_dict):
     labeler = nnx.eval_shape(lambda: Labeler("efficientnet_lite0", 5, rngs=nnx.Rngs(0)))
     assert labeler.feature_dim == 320 and labeler.classifier.kernel.shape == (320, 5)
     config = ml_collections.ConfigDict(dict(model=dict(init="imagenet")))
-    assert builders.init_weights(labeler, config) is labeler
+    assert artifacts.init_weights(labeler, config) is labeler
     np.testing.assert_array_equal(np.asarray(labeler.backbone.stem_conv.kernel[...]),
                                   state_dict["_conv_stem.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(np.asarray(labeler.backbone.block15.project_bn.bias[...]),

@@ -1,4 +1,5 @@
-"""Checkpoint I/O: torch files read without torch, orbax round trip."""
+"""Checkpoint I/O: torch files read without torch; saved models (`artifacts`), today's format and
+the earlier ones."""
 
 import numpy as np
 import pytest
@@ -7,9 +8,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402
 
-from bana_jax import builders  # noqa: E402
+from bana_jax import artifacts, builders  # noqa: E402
 from bana_jax.models import DeepLab  # noqa: E402
-from bana_jax.models.checkpoint import load_params, save_params  # noqa: E402
 from bana_jax.models.torch_import import load_checkpoint, torch_state_dict  # noqa: E402
 from bana_jax.models.torch_io import read_state_dict, read_torch_file_numpy  # noqa: E402
 from bana_jax.train.config import base_config  # noqa: E402
@@ -53,21 +53,85 @@ def test_load_checkpoint_from_pt_file(tmp_path):
         np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)
 
 
-def test_orbax_round_trip(tmp_path):
+def test_saved_variables_round_trip_and_fill_an_abstract_model(tmp_path):
     net = ref.randomise_(ref.DeepLabV2Ref(3, n_blocks=(1, 1, 1, 1), base=8, aspp_dim=8), seed=4)
     factory = lambda: DeepLab("v2", 3, resnet_blocks=(1, 1, 1, 1), resnet_base_width=8, aspp_dim=8,  # noqa: E731
                               rngs=nnx.Rngs(0))
     model = nnx.eval_shape(factory)
     load_checkpoint(model, net.state_dict())
-    save_params(model, tmp_path / "ckpt")
-    save_params(model, tmp_path / "ckpt")  # overwriting is allowed
-    restored = load_params(nnx.eval_shape(factory), tmp_path / "ckpt")
+    info = {"format": artifacts.FORMAT, "kind": "deeplab"}
+    artifacts.save_model(model, tmp_path, info)
+    artifacts.save_model(model, tmp_path, info)  # overwriting is allowed
+    restored = artifacts.fill_variables(nnx.eval_shape(factory), artifacts.restore(tmp_path / "model"), "x")
     ours, back = torch_state_dict(model), torch_state_dict(restored)
     assert ours.keys() == back.keys()
     for key in ours:
         np.testing.assert_array_equal(back[key], ours[key], err_msg=key)
-    with pytest.raises(FileNotFoundError):
-        load_params(model, tmp_path / "missing")
+    other = nnx.eval_shape(lambda: DeepLab("v2", 4, resnet_blocks=(1, 1, 1, 1), resnet_base_width=8, aspp_dim=8,
+                                           rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"x: .*has shape \(8, 3\), the model expects \(8, 4\)"):
+        artifacts.fill_variables(other, artifacts.restore(tmp_path / "model"), "x")
+    with pytest.raises(FileNotFoundError, match="holds no trained labeler"):
+        artifacts.load_model(tmp_path / "missing", "labeler")
+
+
+def _tiny(kind):
+    config = base_config()
+    config.model.name, config.model.num_classes, config.model.init = "vgg_tiny", 4, "none"
+    build = builders.build_labeler if kind == "labeler" else builders.build_deeplab
+    return config, build(config)
+
+
+def _same_weights(a, b):
+    sa, sb = torch_state_dict(a), torch_state_dict(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
+
+
+@pytest.mark.parametrize("kind", ["labeler", "deeplab"])
+def test_saved_model_rebuilds_in_eval_mode(kind, tmp_path):
+    config, model = _tiny(kind)
+    artifacts.save_model(model, tmp_path, artifacts.model_config(config, kind, step=3))
+    loaded = artifacts.load_model(tmp_path, kind)
+    _same_weights(model, loaded)
+    assert artifacts.model_info(tmp_path)["step"] == 3
+    with pytest.raises(ValueError, match=f"holds a {kind}, not a"):
+        artifacts.load_model(tmp_path, "deeplab" if kind == "labeler" else "labeler")
+
+
+def _orbax_save(path, tree):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path.absolute(), tree)
+
+
+def test_workdirs_of_the_earlier_formats_still_load(tmp_path):
+    """Stage 1 wrote labeler.json + labeler/ {"variables"}, stage 3 deeplab.json + model/
+    {"params", "model_state"} (nnx States), `save_params` a bare {Param, BatchStat} tree."""
+    import json
+
+    config, labeler = _tiny("labeler")
+    old1 = tmp_path / "stage1"
+    _, _, variables = nnx.split(labeler, nnx.RngState, ...)
+    _orbax_save(old1 / "labeler", {"variables": nnx.to_pure_dict(variables)})
+    (old1 / "labeler.json").write_text(json.dumps({"model": config.model.to_dict(), "step": 5, "pooling": "bap"}))
+    _same_weights(labeler, artifacts.load_model(old1, "labeler"))
+    assert artifacts.model_info(old1)["step"] == 5
+
+    config, deeplab = _tiny("deeplab")
+    old3 = tmp_path / "stage3"
+    _, params, _, model_state = nnx.split(deeplab, nnx.Param, nnx.RngState, ...)
+    _orbax_save(old3 / "model", {"params": params, "model_state": model_state})
+    (old3 / "deeplab.json").write_text(json.dumps({"model": config.model.to_dict(), "tau": 20.0, "seed": 0}))
+    _same_weights(deeplab, artifacts.load_model(old3, "deeplab"))
+
+    bare = tmp_path / "bare"
+    _orbax_save(bare, nnx.to_pure_dict(nnx.state(deeplab, (nnx.Param, nnx.BatchStat))))
+    config.model.init = str(bare)
+    _, fresh = _tiny("deeplab")
+    _same_weights(deeplab, artifacts.init_weights(fresh, config))
 
 
 @pytest.mark.parametrize("arch", ["labeler", "deeplab_v1", "deeplab_v2"])
@@ -124,7 +188,7 @@ def test_vgg_caffe_init_through_config(tmp_path, with_fc):
     config = tiny_labeler_config(str(tmp_path / "vgg_caffe.pth"))
     model = builders.build_labeler(config)
     before = torch_state_dict(model)
-    builders.init_weights(model, config)
+    artifacts.init_weights(model, config)
     after = torch_state_dict(model)
     assert after.keys() == before.keys()
     for key in after:
@@ -144,7 +208,7 @@ def test_checkpoint_of_unknown_layout_lists_its_keys(tmp_path):
     model = nnx.eval_shape(lambda: builders.build_labeler(config))
     listed = r"unrecognised checkpoint layout.*\['_bn0.weight', '_conv_stem.weight'\]"
     with pytest.raises(ValueError, match=listed):
-        builders.init_weights(model, config)
+        artifacts.init_weights(model, config)
     # A VGG init with a layer missing, or for a network without a VGG backbone, is refused too.
     partial = vgg_caffe_state_dict(with_fc=True)
     del partial["fc7.bias"]

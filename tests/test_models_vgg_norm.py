@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bana_jax import builders
+from bana_jax import artifacts, builders
 from bana_jax.models import DeepLab, layers, make_backbone, vgg
 from bana_jax.stage1 import export_labeler
 from bana_jax.train.config import base_config
@@ -102,7 +102,7 @@ def test_stage1_init_brings_batch_norm_statistics(tmp_path):
 
     stage3 = tiny_config("stage3", "batch")
     stage3.model.init = str(tmp_path)
-    deeplab = builders.init_weights(builders.build_deeplab(stage3), stage3)
+    deeplab = artifacts.init_weights(builders.build_deeplab(stage3), stage3)
     expected = nnx.to_pure_dict(nnx.state(labeler.backbone, (nnx.Param, nnx.BatchStat)))
     copied = nnx.to_pure_dict(nnx.state(deeplab.backbone, (nnx.Param, nnx.BatchStat)))
     assert jax.tree.structure(copied) == jax.tree.structure(expected)
@@ -122,10 +122,10 @@ def test_stage1_init_head_copies_the_classifier_only_when_asked(tmp_path):
     stage3 = tiny_config("stage3", "batch")
     stage3.model.init = str(tmp_path)
 
-    plain = builders.init_weights(builders.build_deeplab(stage3), stage3)
+    plain = artifacts.init_weights(builders.build_deeplab(stage3), stage3)
     assert not np.allclose(np.asarray(plain.classifier.kernel[...]), np.asarray(labeler.classifier.kernel[...]))
     stage3.model.init_head = True
-    headed = builders.init_weights(builders.build_deeplab(stage3), stage3)
+    headed = artifacts.init_weights(builders.build_deeplab(stage3), stage3)
     np.testing.assert_array_equal(np.asarray(headed.classifier.kernel[...]),
                                   np.asarray(labeler.classifier.kernel[...]))
     # The trunk is copied either way.
@@ -134,7 +134,7 @@ def test_stage1_init_head_copies_the_classifier_only_when_asked(tmp_path):
 
     stage3.model.num_classes = 4
     with pytest.raises(ValueError, match="classifier"):
-        builders.init_weights(builders.build_deeplab(stage3), stage3)
+        artifacts.init_weights(builders.build_deeplab(stage3), stage3)
     stage3.model.init = "none"
     with pytest.raises(ValueError, match="stage-1 workdir"):
-        builders.init_weights(builders.build_deeplab(stage3), stage3)
+        artifacts.init_weights(builders.build_deeplab(stage3), stage3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bana_jax import bap, builders, cli, evaluate_cams, stage1
+from bana_jax import artifacts, bap, builders, cli, evaluate_cams, stage1
 from bana_jax.models import param_group_labels
 from bana_jax.train import mesh as mesh_lib
 from bana_jax.train.config import apply_overrides, load_config, validate_config
@@ -122,8 +122,8 @@ def test_cli_run_resume_and_evaluate_cams(cache_dir, tmp_path, capsys):
     steps = 6
     full = tmp_path / "full"
     assert cli.main(stage1_args(full, cache_dir, steps)) == 0
-    for name in ("config.json", "metrics.jsonl", "train_done.json", "labeler.json",
-                 "stage1_summary.json", f"checkpoints/{steps}", "labeler"):
+    for name in ("config.json", "metrics.jsonl", "train_done.json", "model.json",
+                 "stage1_summary.json", f"checkpoints/{steps}", "model"):
         assert (full / name).exists(), name
     summary = json.loads((full / "stage1_summary.json").read_text())
     assert summary["step"] == steps
@@ -138,22 +138,17 @@ def test_cli_run_resume_and_evaluate_cams(cache_dir, tmp_path, capsys):
     config = cli.resolve_config(DEMO, overrides, shrink=True)
     split = tmp_path / "split"
     cut = stage1.main(config, split, stop_after=3)
-    assert cut["step"] == 3 and not (split / "labeler").exists()
+    assert cut["step"] == 3 and not (split / "model").exists()
     resumed = stage1.main(config, split)
     assert resumed["step"] == steps
     assert resumed["box_accuracy"] == summary["box_accuracy"]
-    full_model = stage1.load_trained_labeler(full)
-    split_model = stage1.load_trained_labeler(str(split))
+    full_model = artifacts.load_model(full, "labeler")
+    split_model = artifacts.load_model(str(split), "labeler")
     full_vars = jax.tree.leaves(nnx.state(full_model, nnx.Param))
     split_vars = jax.tree.leaves(nnx.state(split_model, nnx.Param))
     assert len(full_vars) == len(split_vars) > 0
     for a, b in zip(full_vars, split_vars):
         np.testing.assert_array_equal(a, b)
-    # A stage-2 config names the run through pseudo.stage1_workdir.
-    with config.unlocked():
-        config.pseudo.stage1_workdir = str(full)
-    via_config = stage1.load_trained_labeler(config)
-    np.testing.assert_array_equal(via_config.classifier.weight, full_model.classifier.weight)
 
     capsys.readouterr()
     assert cli.main(["evaluate-cams"] + stage1_args(full, cache_dir, steps)[1:]) == 0
@@ -169,14 +164,9 @@ def test_cli_run_resume_and_evaluate_cams(cache_dir, tmp_path, capsys):
     assert result["box_accuracy"]["num_boxes"] > 0
 
 
-def test_load_trained_labeler_needs_a_finished_run(tmp_path):
+def test_loading_a_labeler_needs_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trained labeler"):
-        stage1.load_trained_labeler(tmp_path)
-    config = validate_config(load_config(DEMO))
-    with pytest.raises(ValueError, match="pseudo.stage1_workdir"):
-        stage1.load_trained_labeler(config)
-    with pytest.raises(TypeError, match="workdir_or_config"):
-        stage1.load_trained_labeler(3)
+        artifacts.load_model(tmp_path, "labeler")
 
 
 def test_combine_group_aux_matches_whole_batch_means():

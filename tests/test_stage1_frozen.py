@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bana_jax import bap, builders, stage1, stage1_frozen
+from bana_jax import artifacts, bap, builders, stage1, stage1_frozen
 from bana_jax.data import sampling
 from bana_jax.feature_cache import FeatureCache, image_fingerprint
 from bana_jax.train.config import apply_overrides, load_config, validate_config
@@ -236,7 +236,7 @@ def test_frozen_stage1_trains_only_the_classifier(cache_dir, tmp_path):
     initial = stage1.build_model(config)
     summary = stage1.main(config, tmp_path)
     assert summary["step"] == config.train.num_steps
-    trained = stage1.load_trained_labeler(tmp_path)
+    trained = artifacts.load_model(tmp_path, "labeler")
     before, after = params(initial), params(trained)
     jax.tree.map(np.testing.assert_array_equal, before["backbone"], after["backbone"])
     # The classifier learned: a lower loss on all training views than its initial weights.
@@ -259,7 +259,7 @@ def test_trainable_blocks_train_the_last_block_and_the_classifier_only(cache_dir
                            train__checkpoint_every=0)
     initial = stage1.build_model(config)
     summary = stage1.main(config, tmp_path)
-    trained = stage1.load_trained_labeler(tmp_path)
+    trained = artifacts.load_model(tmp_path, "labeler")
     before, after = params(initial), params(trained)
     stats = lambda m: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))  # noqa: E731
     jax.tree.map(np.testing.assert_array_equal, stats(initial), stats(trained))

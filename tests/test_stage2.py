@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import jax
@@ -22,6 +21,7 @@ from flax import nnx
 from PIL import Image
 
 import crf_ext
+from bana_jax import artifacts
 from bana_jax import io as bio
 from bana_jax import models, stage2
 from bana_jax import pseudo_labels as pl
@@ -405,19 +405,15 @@ def test_bad_settings(tmp_path):
 
 def test_main_reads_the_config(tmp_path, monkeypatch):
     """`bana stage2` wiring: the labeler from pseudo.stage1_workdir, the split, WORKDIR/pseudo_labels."""
-    import types
-
     seen = []
-    fake_stage1 = types.ModuleType("bana_jax.stage1")
-    fake_stage1.load_trained_labeler = lambda workdir: seen.append(workdir) or make_labeler()
-    monkeypatch.setitem(sys.modules, "bana_jax.stage1", fake_stage1)
+    monkeypatch.setattr(artifacts, "load_model", lambda workdir, kind: seen.append((workdir, kind)) or make_labeler())
     config = make_config()
     config.data.name = "synthetic"
     config.data.synthetic_images, config.data.synthetic_size = 2, SIZE
     config.pseudo.split, config.pseudo.stage1_workdir = "val", str(tmp_path / "s1")
     config.train.compilation_cache, config.train.progress_bar = "", False
     summary = stage2.main(config, tmp_path / "work")
-    assert seen == [str(tmp_path / "s1")] and summary["images"] == 2
+    assert seen == [(str(tmp_path / "s1"), "labeler")] and summary["images"] == 2
     val = SyntheticSource(num_images=2, image_size=SIZE, num_classes=NUM_CLASSES - 1, seed=1)
     for i in range(2):
         assert (tmp_path / "work" / "pseudo_labels" / "Y_crf" / f"{val[i]['id']}.png").is_file()
@@ -485,12 +481,10 @@ def run_main_on_coco(coco_photos, annotations, workdir, classes):
         crf_calls[image.shape[:2]] = (probs.copy(), refined)
         return refined
 
-    fake_stage1 = types.ModuleType("bana_jax.stage1")
-    fake_stage1.load_trained_labeler = lambda _: labeler
     handler = Records()
     logger = logging.getLogger("bana_jax.stage2")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "bana_jax.stage1", fake_stage1)
+        patch.setattr(artifacts, "load_model", lambda *_: labeler)
         patch.setattr(crf_ext, "dense_crf", spy_crf)
         # GrabCut (about a second per box on a CPU) is not what these tests are about.
         patch.setattr(stage2.baselines_lib, "grabcut", lambda image, boxes, labels:
