@@ -1,5 +1,7 @@
 // pybind11 bindings. The Python layer (crf_ext/*.py) validates arguments and gives the friendly
-// errors; the checks here only guard memory safety for callers of the raw module.
+// errors; the checks here only guard memory safety for callers of the raw module. One module per
+// instruction-set level (CRF_EXT_MODULE, CRF_EXT_LEVEL: see CMakeLists.txt); module_local classes, so
+// that several levels can be loaded in one process (the tests compare them).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -171,8 +173,9 @@ crf::LabelCompat make_compat(const std::string& kind, const CArray<float>& weigh
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "C++ core of crf_ext: permutohedral lattice and mean-field DenseCRF.";
+PYBIND11_MODULE(CRF_EXT_MODULE, m) {
+  m.doc() = "C++ core of crf_ext: permutohedral lattice and mean-field DenseCRF, built for one instruction-set level.";
+  m.attr("isa") = CRF_EXT_LEVEL;
   m.attr("openmp") = crf::have_openmp();
   m.def("max_threads", [] { return crf::resolve_threads(0); });
   m.attr("buffer_pool") = crf::kBufferPoolEnabled;
@@ -183,7 +186,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("mapped_bytes", [] { return crf::BufferPool::instance().mapped_bytes(); },
         "Bytes of all the large buffers ever mapped (a statistic).");
 
-  py::class_<crf::Permutohedral>(m, "Lattice")
+  py::class_<crf::Permutohedral>(m, "Lattice", py::module_local())
       .def(py::init([](const CArray<float>& features, int num_threads) {
              check_features(features);
              return std::make_unique<crf::Permutohedral>(features.data(), static_cast<int>(features.shape(0)),
@@ -216,7 +219,7 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("values"), py::arg("reverse") = false, py::arg("num_threads") = 0);
 
-  py::class_<crf::DenseCrf>(m, "DenseCrf")
+  py::class_<crf::DenseCrf>(m, "DenseCrf", py::module_local())
       .def(py::init([](int n_points, int n_labels) {
              require(n_points >= 1 && n_labels >= 1, "n_points and n_labels must be >= 1");
              return std::make_unique<crf::DenseCrf>(n_points, n_labels);

@@ -13,7 +13,8 @@ import numbers
 
 import numpy as np
 
-from crf_ext import _checks, _core
+from crf_ext import _checks
+from crf_ext._isa import core as _core
 
 
 class KernelType(enum.IntEnum):
