@@ -243,7 +243,8 @@ PROBS = np.full((2, 8, 10), 0.5, np.float32)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(image=IMAGE.astype(np.float32)), TypeError, "image must be a uint8"),
+    (dict(image=IMAGE.astype(np.float32)), TypeError, "image must be an RGB array of uint8"),
+    (dict(image=IMAGE.astype(np.int16) - 1), ValueError, r"image has values outside 0..255"),
     (dict(image=IMAGE[..., :2]), ValueError, r"image must have shape \(H, W, 3\)"),
     (dict(image=IMAGE[0]), ValueError, r"image must have shape \(H, W, 3\)"),
     (dict(image=IMAGE[:0], probs=PROBS[:, :0]), ValueError, "image is empty"),
