@@ -107,6 +107,31 @@ py::array_t<float> dense_crf(const CArray<uint8_t>& image, const CArray<float>& 
   return out;
 }
 
+// dense_crf with the time of each phase (bench/crf.py): (marginals, {phase: seconds}).
+py::tuple dense_crf_profile(const CArray<uint8_t>& image, const CArray<float>& probs, float bi_w, float bi_xy_std,
+                            float bi_rgb_std, float pos_w, float pos_xy_std, int n_iter, int num_threads) {
+  const auto chw = check_pair(image, probs, "");
+  const crf::CrfParams params = make_params(bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std, n_iter);
+  check_feature_range(image, params, "");
+  py::array_t<float> out(chw);
+  crf::PhaseTimes times;
+  const uint8_t* im = image.data();
+  const float* pr = probs.data();
+  float* q = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    crf::dense_crf_2d(im, pr, static_cast<int>(chw[1]), static_cast<int>(chw[2]), static_cast<int>(chw[0]), params,
+                      q, num_threads, &times);
+  }
+  py::dict seconds;
+  seconds["build"] = times.build;
+  seconds["splat"] = times.splat;
+  seconds["blur"] = times.blur;
+  seconds["slice"] = times.slice;
+  seconds["softmax"] = times.softmax;
+  return py::make_tuple(out, seconds);
+}
+
 py::list dense_crf_batch(const py::sequence& images, const py::sequence& probs_list, float bi_w, float bi_xy_std,
                          float bi_rgb_std, float pos_w, float pos_xy_std, int n_iter, int num_threads) {
   require(images.size() == probs_list.size(), "images and probs_list must have the same length");
@@ -295,6 +320,9 @@ PYBIND11_MODULE(CRF_EXT_MODULE, m) {
 
   m.def("dense_crf", &dense_crf, py::arg("image"), py::arg("probs"), py::arg("bi_w"), py::arg("bi_xy_std"),
         py::arg("bi_rgb_std"), py::arg("pos_w"), py::arg("pos_xy_std"), py::arg("n_iter"), py::arg("num_threads"));
+  m.def("dense_crf_profile", &dense_crf_profile, py::arg("image"), py::arg("probs"), py::arg("bi_w"),
+        py::arg("bi_xy_std"), py::arg("bi_rgb_std"), py::arg("pos_w"), py::arg("pos_xy_std"), py::arg("n_iter"),
+        py::arg("num_threads"));
   m.def("dense_crf_batch", &dense_crf_batch, py::arg("images"), py::arg("probs_list"), py::arg("bi_w"),
         py::arg("bi_xy_std"), py::arg("bi_rgb_std"), py::arg("pos_w"), py::arg("pos_xy_std"), py::arg("n_iter"),
         py::arg("num_threads"));
