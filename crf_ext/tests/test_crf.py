@@ -71,7 +71,7 @@ def test_matches_pydensecrf_on_real_photos(name, n_labels, unary):
     q = crf_ext.dense_crf(image, probs, **BANA)
     assert q.dtype == np.float32 and q.shape == probs.shape
     diff = np.abs(q - expected)
-    # Float reordering alone moves Q by <= 2.6e-5 and never flips an argmax (docs/densecrf.md):
+    # Float reordering alone moves Q by <= 2.6e-5 and never flips an argmax:
     # anything beyond these bounds is an algorithmic difference.
     assert diff.max() <= 1e-4, diff.max()
     assert diff.mean() <= 1e-6, diff.mean()
