@@ -1,10 +1,14 @@
 """crf_ext vs pydensecrf on real photos: BANA's stage-2 call, alternating in one process.
 
-    python bench/crf.py [--reps 20] [--sizes 500x375,1000x750] [--labels 3,21]
+    python bench/crf.py [--reps 20] [--sizes 500x375,1000x750] [--labels 3,21] [--skip ...]
 
 Both sides include the unary (-log(clip(p, 1e-5))) and every copy; 10 mean-field iterations with
-BANA's parameters [4, 55, 3, 3, 3]. Prints medians, the ratio of medians, the lattice build alone,
-peak memory growth per call (each in a fresh subprocess) and dense_crf_batch scaling.
+BANA's parameters [4, 55, 3, 3, 3]. Prints the instruction-set level that ran (crf_ext.isa; set
+CRF_EXT_ISA to force a lower one), medians, the ratio of medians, where the time of one call goes
+(lattice build, then per iteration splat / blur / slice / softmax), every level this installation
+has against the highest (`native` too when built with -Ccmake.define.CRF_EXT_LEVELS="avx512;native"),
+the lattice build alone, peak memory growth per call (each in a fresh subprocess) and
+dense_crf_batch scaling.
 """
 
 from __future__ import annotations
@@ -93,6 +97,64 @@ def bench_speed(sizes, label_counts, reps) -> list[str]:
     return rows
 
 
+PHASES = ("splat", "blur", "slice", "softmax")
+
+
+def bench_phases(sizes, label_counts, reps) -> list[str]:
+    """Where the time of one dense_crf call goes: the build (unary, both lattices), then per
+    mean-field iteration each phase (wall-clock, medians over reps; slice includes the compatibility)."""
+    import crf_ext
+
+    rows = [f"| size | C | threads | total | build | per iteration: {' | '.join(PHASES)} |",
+            "|---|---|---|---|---|" + "---|" * len(PHASES)]
+    for size in sizes:
+        images = [load_photo(name, size) for name in PHOTO_NAMES]
+        for n_labels in label_counts:
+            probs = [smooth_probs(n_labels, size[1], size[0], seed=i) for i in range(len(images))]
+            for threads in (1, 2):
+                samples = {key: [] for key in ("total", "build") + PHASES}
+                for rep in range(reps):
+                    i = rep % len(images)
+                    start = time.perf_counter()
+                    _, seconds = crf_ext._core.dense_crf_profile(images[i], probs[i], n_iter=10, num_threads=threads,
+                                                                 **BANA)
+                    samples["total"].append(time.perf_counter() - start)
+                    for key, value in seconds.items():
+                        samples[key].append(value)
+                ms = {key: statistics.median(values) * 1e3 for key, values in samples.items()}
+                per_iteration = " | ".join(f"{ms[phase] / 10:.1f} ms" for phase in PHASES)
+                rows.append(f"| {size[0]}x{size[1]} | {n_labels} | {threads} | {ms['total']:.0f} ms "
+                            f"| {ms['build']:.0f} ms | {per_iteration} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def bench_levels(sizes, label_counts, reps) -> list[str]:
+    """Each instruction-set level this installation has and this CPU runs, alternating in one
+    process, against the highest (native when built): 2 threads, medians."""
+    from crf_ext import _isa
+
+    levels = _isa.runnable_levels()
+    modules = {level: _isa.load(level) for level in levels}
+    rows = ["| size | C | " + " | ".join(levels) + " |", "|---|---|" + "---|" * len(levels)]
+    for size in sizes:
+        images = [load_photo(name, size) for name in PHOTO_NAMES]
+        for n_labels in label_counts:
+            probs = [smooth_probs(n_labels, size[1], size[0], seed=i) for i in range(len(images))]
+            times = {level: [] for level in levels}
+            for rep in range(reps):
+                i = rep % len(images)
+                for level in levels:
+                    params = dict(BANA, n_iter=10, num_threads=2)
+                    times[level].append(timed(lambda: modules[level].dense_crf(images[i], probs[i], **params)))
+            medians = {level: statistics.median(t) for level, t in times.items()}
+            best = medians[levels[0]]
+            cells = " | ".join(f"{medians[level]:.3f} s ({medians[level] / best:.2f})" for level in levels)
+            rows.append(f"| {size[0]}x{size[1]} | {n_labels} | {cells} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def bench_lattice(reps) -> list[str]:
     """The bilateral (d=5) lattice build alone: pydensecrf's addPairwiseBilateral vs ours."""
     import pydensecrf.densecrf as dcrf
@@ -172,20 +234,36 @@ def bench_batch(reps) -> list[str]:
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sizes", default="500x375,1000x750")
     parser.add_argument("--labels", default="3,21")
-    parser.add_argument("--skip", default="", help="comma list of: speed,lattice,memory,batch")
+    parser.add_argument("--skip", default="", help="comma list of: speed,phases,levels,lattice,memory,batch")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     label_counts = [int(c) for c in args.labels.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    import crf_ext
+
+    print(f"# {time.strftime('%Y-%m-%d')} {cpu_name()}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}, reps {args.reps}", flush=True)
+    print(f"# crf_ext {crf_ext.__file__}: ran level {crf_ext.isa} (runnable here: {', '.join(crf_ext.isa_levels())})",
+          flush=True)
     if "speed" not in skip:
         bench_speed(sizes, label_counts, args.reps)
+    if "phases" not in skip:
+        bench_phases(sizes, label_counts, max(3, args.reps // 2))
+    if "levels" not in skip:
+        bench_levels(sizes, label_counts, args.reps)
     if "lattice" not in skip:
         bench_lattice(args.reps)
     if "memory" not in skip:

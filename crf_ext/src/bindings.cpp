@@ -1,5 +1,7 @@
 // pybind11 bindings. The Python layer (crf_ext/*.py) validates arguments and gives the friendly
-// errors; the checks here only guard memory safety for callers of the raw module.
+// errors; the checks here only guard memory safety for callers of the raw module. One module per
+// instruction-set level (CRF_EXT_MODULE, CRF_EXT_LEVEL: see CMakeLists.txt); module_local classes, so
+// that several levels can be loaded in one process (the tests compare them).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -105,6 +107,31 @@ py::array_t<float> dense_crf(const CArray<uint8_t>& image, const CArray<float>& 
   return out;
 }
 
+// dense_crf with the time of each phase (bench/crf.py): (marginals, {phase: seconds}).
+py::tuple dense_crf_profile(const CArray<uint8_t>& image, const CArray<float>& probs, float bi_w, float bi_xy_std,
+                            float bi_rgb_std, float pos_w, float pos_xy_std, int n_iter, int num_threads) {
+  const auto chw = check_pair(image, probs, "");
+  const crf::CrfParams params = make_params(bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std, n_iter);
+  check_feature_range(image, params, "");
+  py::array_t<float> out(chw);
+  crf::PhaseTimes times;
+  const uint8_t* im = image.data();
+  const float* pr = probs.data();
+  float* q = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    crf::dense_crf_2d(im, pr, static_cast<int>(chw[1]), static_cast<int>(chw[2]), static_cast<int>(chw[0]), params,
+                      q, num_threads, &times);
+  }
+  py::dict seconds;
+  seconds["build"] = times.build;
+  seconds["splat"] = times.splat;
+  seconds["blur"] = times.blur;
+  seconds["slice"] = times.slice;
+  seconds["softmax"] = times.softmax;
+  return py::make_tuple(out, seconds);
+}
+
 py::list dense_crf_batch(const py::sequence& images, const py::sequence& probs_list, float bi_w, float bi_xy_std,
                          float bi_rgb_std, float pos_w, float pos_xy_std, int n_iter, int num_threads) {
   require(images.size() == probs_list.size(), "images and probs_list must have the same length");
@@ -171,8 +198,9 @@ crf::LabelCompat make_compat(const std::string& kind, const CArray<float>& weigh
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "C++ core of crf_ext: permutohedral lattice and mean-field DenseCRF.";
+PYBIND11_MODULE(CRF_EXT_MODULE, m) {
+  m.doc() = "C++ core of crf_ext: permutohedral lattice and mean-field DenseCRF, built for one instruction-set level.";
+  m.attr("isa") = CRF_EXT_LEVEL;
   m.attr("openmp") = crf::have_openmp();
   m.def("max_threads", [] { return crf::resolve_threads(0); });
   m.attr("buffer_pool") = crf::kBufferPoolEnabled;
@@ -183,7 +211,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("mapped_bytes", [] { return crf::BufferPool::instance().mapped_bytes(); },
         "Bytes of all the large buffers ever mapped (a statistic).");
 
-  py::class_<crf::Permutohedral>(m, "Lattice")
+  py::class_<crf::Permutohedral>(m, "Lattice", py::module_local())
       .def(py::init([](const CArray<float>& features, int num_threads) {
              check_features(features);
              return std::make_unique<crf::Permutohedral>(features.data(), static_cast<int>(features.shape(0)),
@@ -216,7 +244,7 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("values"), py::arg("reverse") = false, py::arg("num_threads") = 0);
 
-  py::class_<crf::DenseCrf>(m, "DenseCrf")
+  py::class_<crf::DenseCrf>(m, "DenseCrf", py::module_local())
       .def(py::init([](int n_points, int n_labels) {
              require(n_points >= 1 && n_labels >= 1, "n_points and n_labels must be >= 1");
              return std::make_unique<crf::DenseCrf>(n_points, n_labels);
@@ -292,6 +320,9 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("dense_crf", &dense_crf, py::arg("image"), py::arg("probs"), py::arg("bi_w"), py::arg("bi_xy_std"),
         py::arg("bi_rgb_std"), py::arg("pos_w"), py::arg("pos_xy_std"), py::arg("n_iter"), py::arg("num_threads"));
+  m.def("dense_crf_profile", &dense_crf_profile, py::arg("image"), py::arg("probs"), py::arg("bi_w"),
+        py::arg("bi_xy_std"), py::arg("bi_rgb_std"), py::arg("pos_w"), py::arg("pos_xy_std"), py::arg("n_iter"),
+        py::arg("num_threads"));
   m.def("dense_crf_batch", &dense_crf_batch, py::arg("images"), py::arg("probs_list"), py::arg("bi_w"),
         py::arg("bi_xy_std"), py::arg("bi_rgb_std"), py::arg("pos_w"), py::arg("pos_xy_std"), py::arg("n_iter"),
         py::arg("num_threads"));

@@ -1,6 +1,7 @@
 #include "dense_crf.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -13,6 +14,10 @@
 namespace crf {
 
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 // Points per softmax chunk: small enough for L1, long enough to fill the SIMD lanes.
 constexpr int kChunk = 64;
@@ -176,28 +181,43 @@ void DenseCrf::subtract_message(const PairwiseKernel& kernel, int point, const f
   kernel.compat().template subtract<kStride>(sliced, s, logits);
 }
 
-void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
+void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
   const int n_kernels = static_cast<int>(kernels_.size());
   std::vector<PooledArray<float>> values;
   for (int k = 0; k < n_kernels; ++k) values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
+  // Timing: thread 0 reads the clock after each phase's closing barrier; the busy time of every
+  // thread in the slice and in the softmax splits their shared loop.
+  Clock::time_point mark;
+  double splat_time = 0, blur_time = 0, loop_time = 0, slice_busy = 0, softmax_busy = 0;
   with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
     {
       std::vector<float> logits(static_cast<std::size_t>(kChunk) * stride), by_label(static_cast<std::size_t>(kChunk) * stride);
       std::vector<float> sliced(stride);
+      double my_slice = 0, my_softmax = 0;
+      auto phase_done = [&](double& total) {
+        if (times != nullptr && thread_index() == 0) {
+          total += seconds_since(mark);
+          mark = Clock::now();
+        }
+      };
+      if (times != nullptr && thread_index() == 0) mark = Clock::now();
       for (int it = 0; it < n_iter; ++it) {
         // Every splat reads q before any point of q is overwritten below.
         for (int k = 0; k < n_kernels; ++k) {
           kernels_[k]->lattice().template splat<kStride>(q, stride, kernels_[k]->pre_scale(), values[k].get());
         }
+        phase_done(splat_time);
         for (int k = 0; k < n_kernels; ++k) {
           kernels_[k]->lattice().template blur<kStride>(values[k].get(), stride, false);
         }
+        phase_done(blur_time);
         // logits = -U - sum_k compat_k(K_k q), in pydensecrf's order, then softmax into q. Guided:
         // the slice costs more where the image has more vertices.
 #pragma omp for schedule(guided, 4)
         for (int start = 0; start < n; start += kChunk) {
+          const Clock::time_point slice_start = times != nullptr ? Clock::now() : Clock::time_point{};
           const int count = std::min(kChunk, n - start);
           std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * stride,
                       static_cast<std::size_t>(count) * stride, logits.data());
@@ -207,14 +227,34 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads) const {
                                         logits.data() + static_cast<std::size_t>(i) * stride);
             }
           }
+          const Clock::time_point softmax_start = times != nullptr ? Clock::now() : Clock::time_point{};
           softmax_chunk(logits.data(), count, c, stride, by_label.data(), q + static_cast<std::size_t>(start) * stride);
+          if (times != nullptr) {
+            my_slice += std::chrono::duration<double>(softmax_start - slice_start).count();
+            my_softmax += seconds_since(softmax_start);
+          }
         }
+        phase_done(loop_time);
+      }
+      if (times != nullptr) {
+#pragma omp atomic
+        slice_busy += my_slice;
+#pragma omp atomic
+        softmax_busy += my_softmax;
       }
     }
   });
+  if (times != nullptr) {
+    times->splat += splat_time;
+    times->blur += blur_time;
+  }
+  if (times != nullptr && slice_busy + softmax_busy > 0) {
+    times->slice += loop_time * slice_busy / (slice_busy + softmax_busy);
+    times->softmax += loop_time * softmax_busy / (slice_busy + softmax_busy);
+  }
 }
 
-void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads) const {
+void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads, PhaseTimes* times) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
   PooledArray<float> padded = make_pooled_array<float>(static_cast<std::size_t>(n) * stride);
 #pragma omp parallel num_threads(resolve_threads(num_threads))
@@ -227,7 +267,7 @@ void DenseCrf::inference(int n_iter, float* q, bool label_major, int num_threads
       softmax_chunk(neg_unary_.data() + at, count, c, stride, by_label.data(), padded.get() + at);
     }
   }
-  iterate(padded.get(), n_iter, num_threads);
+  iterate(padded.get(), n_iter, num_threads, times);
 #pragma omp parallel for schedule(static) num_threads(resolve_threads(num_threads))
   for (int p = 0; p < n; ++p) {
     const float* row = padded.get() + static_cast<std::size_t>(p) * stride;
@@ -284,7 +324,8 @@ double DenseCrf::kl_divergence(const float* q, int num_threads) const {
 }
 
 void dense_crf_2d(const uint8_t* image, const float* probs, int height, int width, int n_labels,
-                  const CrfParams& params, float* q_out, int num_threads) {
+                  const CrfParams& params, float* q_out, int num_threads, PhaseTimes* times) {
+  const Clock::time_point start = Clock::now();
   const int n = height * width;
   DenseCrf crf(n, n_labels);
   crf.set_unary_from_probs(probs, 1e-5f, num_threads);
@@ -303,7 +344,8 @@ void dense_crf_2d(const uint8_t* image, const float* probs, int height, int widt
   free_storage(features);
   crf.add_kernel(std::move(gaussian));  // pydensecrf's order: the messages are summed in it
   crf.add_kernel(std::move(bilateral));
-  crf.inference(params.n_iter, q_out, /*label_major=*/true, num_threads);
+  if (times != nullptr) times->build += seconds_since(start);
+  crf.inference(params.n_iter, q_out, /*label_major=*/true, num_threads, times);
 }
 
 }  // namespace crf

@@ -12,6 +12,13 @@
 
 namespace crf {
 
+// Where the time of a call goes (wall-clock seconds, the iterations' phases summed over them), for
+// bench/crf.py. slice and softmax share one loop: its time is split by the threads' busy time in
+// each.
+struct PhaseTimes {
+  double build = 0, splat = 0, blur = 0, slice = 0, softmax = 0;
+};
+
 // pydensecrf's enum values.
 enum class Normalization : int { kNone = 0, kBefore = 1, kAfter = 2, kSymmetric = 3 };
 
@@ -53,7 +60,7 @@ class DenseCrf {
 
   // Marginals after n_iter mean-field iterations from softmax(-unary), into q: n_points x
   // n_labels, or n_labels x n_points when label_major.
-  void inference(int n_iter, float* q, bool label_major, int num_threads) const;
+  void inference(int n_iter, float* q, bool label_major, int num_threads, PhaseTimes* times = nullptr) const;
   // One mean-field iteration on q (n_points x n_labels), in place.
   void step(float* q, int num_threads) const;
   // pydensecrf's klDivergence(Q): sum Q log Q + sum U Q + sum_k sum Q * compat_k(K_k Q).
@@ -61,7 +68,8 @@ class DenseCrf {
 
  private:
   // Mean-field iterations on q_padded (n_points x stride, zero padding), in place.
-  void iterate(float* q_padded, int n_iter, int num_threads) const;
+  // `times`, if set, receives the time of each phase.
+  void iterate(float* q_padded, int n_iter, int num_threads, PhaseTimes* times = nullptr) const;
   // logits -= compat(post * slice) of `kernel` for one point (stride lanes); `filtered` is the
   // kernel's blurred lattice values, `sliced` a scratch row.
   template <int kStride>
@@ -81,7 +89,8 @@ struct CrfParams {
   float bi_w = 4.0f, bi_xy_std = 55.0f, bi_rgb_std = 3.0f, pos_w = 3.0f, pos_xy_std = 3.0f;
   int n_iter = 10;
 };
+// `times`, if set, receives where the time went (build: the unary and both lattices).
 void dense_crf_2d(const uint8_t* image, const float* probs, int height, int width, int n_labels,
-                  const CrfParams& params, float* q_out, int num_threads);
+                  const CrfParams& params, float* q_out, int num_threads, PhaseTimes* times = nullptr);
 
 }  // namespace crf

@@ -10,15 +10,22 @@ import numpy as np
 
 
 def image_array(image, name: str = "image") -> np.ndarray:
-    """(H, W, 3) uint8, C-contiguous (copied if needed)."""
+    """(H, W, 3) uint8, C-contiguous (copied if needed). Other integer dtypes are taken when every
+    value is in 0..255 (the conversion is then exact); float images are refused rather than
+    guessed at (0..1 or 0..255?)."""
     array = np.asarray(image)
     if array.dtype != np.uint8:
-        raise TypeError(f"{name} must be a uint8 array of shape (H, W, 3), got dtype {array.dtype}")
+        if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+            raise TypeError(f"{name} must be an RGB array of uint8 (or integers in 0..255) of shape (H, W, 3), "
+                            f"got dtype {array.dtype}; convert it, e.g. (image * 255).round().astype(np.uint8)")
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(f"{name} has values outside 0..255 (min {array.min()}, max {array.max()}); "
+                             "an RGB image must fit uint8")
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"{name} must have shape (H, W, 3), got {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=np.uint8)
 
 
 def real_array(values, name: str) -> np.ndarray:
@@ -53,8 +60,15 @@ def finite_array(values, shape: tuple[int, ...], name: str) -> np.ndarray:
 
 
 def positive(value, name: str) -> float:
+    """A standard deviation: > 0 and finite also as the float32 the C++ computes with (1e-50 would
+    be 0 there, 1e300 infinite)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    with np.errstate(over="ignore", under="ignore"):
+        as_float32 = np.float32(value)
+    if not (0 < as_float32 < np.inf):
+        raise ValueError(f"{name} must be a finite number > 0 in float32's range (about 1.4e-45 to 3.4e38), "
+                         f"got {value!r}")
     return float(value)
 
 

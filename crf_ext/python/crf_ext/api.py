@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from crf_ext import _checks, _core
+from crf_ext import _checks
+from crf_ext._isa import core as _core
 
 
 def _params(bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std, n_iter) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pydensecrf.densecrf as pydcrf
 import pydensecrf.utils as pyutils
 import pytest
-from PIL import Image
+from photos import load_photo
 
 import crf_ext
 from crf_ext import utils
@@ -13,9 +13,8 @@ NORMALIZATIONS = ["NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NO
 
 
 @pytest.fixture(scope="module")
-def photo(coco_photos):
-    with Image.open(coco_photos / "coco128" / "train2017" / "000000000009.jpg") as im:
-        return np.ascontiguousarray(np.array(im.convert("RGB"))[100:160, 200:280])  # 60 x 80
+def photo():
+    return np.ascontiguousarray(load_photo("000000000009")[100:160, 200:280])  # 60 x 80
 
 
 def random_unary(n_labels, n_points, seed):

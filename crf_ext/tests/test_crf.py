@@ -1,38 +1,27 @@
 """crf_ext.dense_crf against pydensecrf, a brute-force Gaussian filter, and its own invariants."""
 
-import json
 import re
 
 import numpy as np
 import pydensecrf.densecrf as pydcrf
 import pytest
+from photos import load_photo
 from lattice_reference import lattice_keys
-from PIL import Image
 from pydensecrf.utils import unary_from_softmax
 
 import crf_ext
 from crf_ext import _core
 
 BANA = dict(bi_w=4.0, bi_xy_std=55.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=3.0)
-PHOTOS = ["000000000009.jpg", "000000000030.jpg"]
+PHOTOS = ["000000000009", "000000000030"]
 
 
-def load_photo(coco_photos, name):
-    with Image.open(coco_photos / "coco128" / "train2017" / name) as im:
-        return np.array(im.convert("RGB"))
-
-
-def photo_boxes(coco_photos, name):
-    """(x0, y0, x1, y1) integer boxes of the photo's COCO objects."""
-    with open(coco_photos / "coco128" / "annotations" / "instances_train2017.json") as f:
-        coco = json.load(f)
-    image_id = next(im["id"] for im in coco["images"] if im["file_name"] == name)
-    boxes = []
-    for ann in coco["annotations"]:
-        if ann["image_id"] == image_id:
-            x, y, w, h = ann["bbox"]
-            boxes.append((int(x), int(y), int(np.ceil(x + w)), int(np.ceil(y + h))))
-    return boxes
+# (x0, y0, x1, y1) integer boxes of each photo's COCO objects (instances_train2017.json, rounded out).
+BOXES = {
+    "000000000009": [(1, 187, 613, 474), (311, 4, 632, 233), (249, 229, 566, 475), (0, 13, 435, 389),
+                     (376, 40, 452, 87), (465, 38, 524, 86), (385, 73, 470, 145), (364, 2, 459, 74)],
+    "000000000030": [(204, 31, 460, 356), (237, 155, 404, 352)],
+}
 
 
 def smooth_probs(n_labels, height, width, rng):
@@ -69,14 +58,14 @@ def pydensecrf_q(image, probs, n_iter=10):
 @pytest.mark.parametrize("name", PHOTOS)
 @pytest.mark.parametrize("n_labels", [3, 21])
 @pytest.mark.parametrize("unary", ["smooth", "bana"])
-def test_matches_pydensecrf_on_real_photos(coco_photos, name, n_labels, unary):
-    image = load_photo(coco_photos, name)
+def test_matches_pydensecrf_on_real_photos(name, n_labels, unary):
+    image = load_photo(name)
     height, width = image.shape[:2]
     rng = np.random.default_rng(n_labels)
     if unary == "smooth":
         probs = smooth_probs(n_labels, height, width, rng)
     else:
-        probs = bana_like_probs(n_labels, height, width, photo_boxes(coco_photos, name), rng)
+        probs = bana_like_probs(n_labels, height, width, BOXES[name], rng)
         assert (probs == 0).any() and (probs == 1).any()
     expected = pydensecrf_q(image, probs)
     q = crf_ext.dense_crf(image, probs, **BANA)
@@ -94,8 +83,8 @@ def test_matches_pydensecrf_on_real_photos(coco_photos, name, n_labels, unary):
 # slicing path, 5 one 8-lane vector per row, 10 three 4-lane vectors, 30 a stride known only at
 # run time.
 @pytest.mark.parametrize("n_labels", [1, 2, 5, 10, 30])
-def test_matches_pydensecrf_for_every_value_layout(coco_photos, n_labels):
-    image = np.ascontiguousarray(load_photo(coco_photos, PHOTOS[0])[:150, :200])
+def test_matches_pydensecrf_for_every_value_layout(n_labels):
+    image = np.ascontiguousarray(load_photo(PHOTOS[0])[:150, :200])
     probs = smooth_probs(n_labels, 150, 200, np.random.default_rng(n_labels))
     expected = pydensecrf_q(image, probs)
     q = crf_ext.dense_crf(image, probs, **BANA)
@@ -106,11 +95,11 @@ def test_matches_pydensecrf_for_every_value_layout(coco_photos, n_labels):
 
 @pytest.mark.parametrize("name", PHOTOS)
 @pytest.mark.parametrize("crop", [None, (211, 333)])  # 333 * 211 points is not a multiple of 4
-def test_lattice_vertices_match_pydensecrf(coco_photos, name, crop):
+def test_lattice_vertices_match_pydensecrf(name, crop):
     """Same vertex set (and so count) as pydensecrf for both of BANA's kernels. The reference is a
     NumPy transcription of pydensecrf's construction; its counts were checked once against
     pydensecrf's own C++ (640x480: 39890 and 576579 vertices)."""
-    image = load_photo(coco_photos, name)
+    image = load_photo(name)
     if crop:
         image = np.ascontiguousarray(image[:crop[0], :crop[1]])
     height, width = image.shape[:2]
@@ -185,8 +174,8 @@ def test_zero_iterations_is_the_normalised_clipped_input():
     np.testing.assert_allclose(crf_ext.dense_crf(image, probs, n_iter=0), clipped / clipped.sum(0), rtol=1e-5)
 
 
-def test_bitwise_identical_across_runs_threads_and_batch(coco_photos):
-    image = load_photo(coco_photos, PHOTOS[0])[:200, :300]
+def test_bitwise_identical_across_runs_threads_and_batch():
+    image = load_photo(PHOTOS[0])[:200, :300]
     rng = np.random.default_rng(2)
     probs = smooth_probs(6, 200, 300, rng)
     one = crf_ext.dense_crf(image, probs, num_threads=1)
@@ -199,13 +188,13 @@ def test_bitwise_identical_across_runs_threads_and_batch(coco_photos):
     assert np.array_equal(batch[1], crf_ext.dense_crf(small, small_probs))
 
 
-def test_reused_buffers_give_the_same_bits(coco_photos):
+def test_reused_buffers_give_the_same_bits():
     """Large buffers are kept between calls uninitialised: a call on reused (dirty) buffers must
     give what a call on fresh ones gives, and release_memory() must give them all back."""
-    image = load_photo(coco_photos, PHOTOS[1])[:300, :400]
+    image = load_photo(PHOTOS[1])[:300, :400]
     rng = np.random.default_rng(4)
     probs = smooth_probs(21, 300, 400, rng)
-    other = np.ascontiguousarray(load_photo(coco_photos, PHOTOS[0])[:300, :400])
+    other = np.ascontiguousarray(load_photo(PHOTOS[0])[:300, :400])
     other_probs = smooth_probs(21, 300, 400, rng)
     crf_ext.release_memory()
     assert crf_ext.cached_bytes() == 0
@@ -220,11 +209,11 @@ def test_reused_buffers_give_the_same_bits(coco_photos):
 
 
 @pytest.mark.skipif(not _core.buffer_pool, reason="the pool is off under AddressSanitizer")
-def test_repeated_calls_map_no_new_buffers(coco_photos):
+def test_repeated_calls_map_no_new_buffers():
     """After a few calls on two images the pool holds a block for every request of further calls
     on them: they page-fault nothing in afresh (the bound on what it keeps once forced ~50 MB of
     new mappings per call at 500x375)."""
-    images = [np.ascontiguousarray(load_photo(coco_photos, name)[:300, :400]) for name in PHOTOS[:2]]
+    images = [np.ascontiguousarray(load_photo(name)[:300, :400]) for name in PHOTOS[:2]]
     rng = np.random.default_rng(5)
     probs = [smooth_probs(21, 300, 400, rng) for _ in images]
     crf_ext.release_memory()
@@ -254,7 +243,8 @@ PROBS = np.full((2, 8, 10), 0.5, np.float32)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(image=IMAGE.astype(np.float32)), TypeError, "image must be a uint8"),
+    (dict(image=IMAGE.astype(np.float32)), TypeError, "image must be an RGB array of uint8"),
+    (dict(image=IMAGE.astype(np.int16) - 1), ValueError, r"image has values outside 0..255"),
     (dict(image=IMAGE[..., :2]), ValueError, r"image must have shape \(H, W, 3\)"),
     (dict(image=IMAGE[0]), ValueError, r"image must have shape \(H, W, 3\)"),
     (dict(image=IMAGE[:0], probs=PROBS[:, :0]), ValueError, "image is empty"),

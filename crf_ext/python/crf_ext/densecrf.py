@@ -13,7 +13,8 @@ import numbers
 
 import numpy as np
 
-from crf_ext import _checks, _core
+from crf_ext import _checks
+from crf_ext._isa import core as _core
 
 
 class KernelType(enum.IntEnum):
@@ -137,9 +138,11 @@ class DenseCRF2D(DenseCRF):
         super().__init__(self._w * self._h, nlabels)
 
     def _positions(self, sx: float, sy: float) -> list[np.ndarray]:
-        # float32 index / float32 std, exactly as pydensecrf's C++ computes them.
+        # float32 index / float32 std, exactly as pydensecrf's C++ computes them. A tiny std makes
+        # huge features: the lattice's bound refuses them (no overflow warning on the way).
         ys, xs = np.mgrid[0:self._h, 0:self._w].astype(np.float32)
-        return [xs / np.float32(sx), ys / np.float32(sy)]
+        with np.errstate(over="ignore"):
+            return [xs / np.float32(sx), ys / np.float32(sy)]
 
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
         """Position kernel with standard deviation sxy (a number or (sx, sy))."""
@@ -155,6 +158,7 @@ class DenseCRF2D(DenseCRF):
         image = _checks.image_array(rgbim, "rgbim")
         if image.shape[:2] != (self._h, self._w):
             raise ValueError(f"rgbim has shape {image.shape}, expected ({self._h}, {self._w}, 3)")
-        colours = [image[..., c].astype(np.float32) / np.float32(srgb[c]) for c in range(3)]
+        with np.errstate(over="ignore"):
+            colours = [image[..., c].astype(np.float32) / np.float32(srgb[c]) for c in range(3)]
         points = np.stack(self._positions(sx, sy) + colours, axis=-1).reshape(-1, 5)
         self._add_kernel(points, compat, kernel, normalization)
