@@ -1,6 +1,7 @@
 """Two real JAX processes (coordinator on 127.0.0.1, gloo CPU collectives, 4 simulated devices
 each) against one process with 8: `bana stage1` for a few steps and `bana stage2` on the synthetic
-set must give what one process gives.
+set must give what one process gives. The two processes read the records `bana prepare` wrote
+(data.source=tfds, each host its own rows through grain), the one process the generator itself.
 
 - stage 1: the same losses and, within float tolerance, the same trained labeler; the two-process
   train checkpoint is restorable by one process and equals the one-process checkpoint.
@@ -42,10 +43,15 @@ def cache_dir() -> str:
                           str(Path(tempfile.gettempdir()) / "bana_jax_test_jax_cache"))
 
 
-def commands(workdir: Path, labeler_workdir: Path) -> list[str]:
-    """`bana stage1 ... --then bana stage2 ...` for the worker, tiny sizes."""
-    common = ["--config.data.synthetic_size=48", "--config.data.synthetic_images=16",
-              "--config.train.progress_bar=false", f"--config.train.compilation_cache={cache_dir()}"]
+DATA = ["--config.data.synthetic_size=48", "--config.data.synthetic_images=16"]
+
+
+def commands(workdir: Path, labeler_workdir: Path, prepared: Path | None = None) -> list[str]:
+    """`bana stage1 ... --then bana stage2 ...` for the worker, tiny sizes; `prepared`: read the
+    records `bana prepare` wrote there (data.source=tfds) instead of the generator."""
+    common = DATA + ["--config.train.progress_bar=false", f"--config.train.compilation_cache={cache_dir()}"]
+    if prepared is not None:
+        common += ["--config.data.source=tfds", f"--config.data.prepared_dir={prepared}"]
     stage1 = ["stage1", f"--config={REPO / 'configs/demo/stage1.py'}", f"--workdir={workdir / 'stage1'}",
               "--config.data.crop_size=48", f"--config.train.num_steps={STEPS}",
               "--config.eval.max_images=4",
@@ -88,22 +94,28 @@ def wait_all(procs: list[subprocess.Popen], logs: list[Path]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from bana_jax import cli
+
     root = tmp_path_factory.mktemp("multiprocess")
-    single, multi = root / "single", root / "multi"
+    single, multi, prepared = root / "single", root / "multi", root / "prepared"
+    # The two processes read prepared records (as a cluster would), the one process the generator.
+    assert cli.main(["prepare", f"--config={REPO / 'configs/demo/stage1.py'}", f"--workdir={prepared}"] + DATA) == 0
     logs = [root / "single.log"]
     wait_all([launch(commands(single, single), devices=8, log=logs[0])], logs)
     port = free_port()
     logs = [root / f"multi{i}.log" for i in range(2)]
-    wait_all([launch(commands(multi, single), devices=4, process_id=i, processes=2, port=port,
+    wait_all([launch(commands(multi, single, prepared), devices=4, process_id=i, processes=2, port=port,
                      log=logs[i]) for i in range(2)], logs)
     return single, multi, root
 
 
 def test_two_processes_really_ran(runs):
-    _, _, root = runs
+    _, multi, root = runs
     for i in range(2):
         text = (root / f"multi{i}.log").read_text()
         assert "Connecting to JAX distributed service on 127.0.0.1" in text, text[-3000:]
+    stored = json.loads((multi / "stage1" / "config.json").read_text())
+    assert stored["data"]["source"] == "tfds"
 
 
 def assert_close(got, want, tolerance: float = 1e-4) -> None:
