@@ -183,9 +183,11 @@ def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
     if sampler is None:
         # One shuffle of all records, the same on every host (NoSharding): the loader's
         # shard_options split its positions over hosts, so the global batches do not depend on
-        # the process count (with grain's own per-host shards they would).
-        sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(),
-                                     shuffle=True, num_epochs=num_epochs, seed=seed)
+        # the process count (with grain's own per-host shards they would). One host keeps its
+        # ShardOptions(0, 1): the same order, and the repr its checkpoints were written with.
+        sampler = grain.IndexSampler(
+            num_records=len(source), shuffle=True, num_epochs=num_epochs, seed=seed,
+            shard_options=shard_options if shard_options.shard_count == 1 else grain.NoSharding())
     if shard_options.shard_count > 1:
         sampler = HostBlockSampler(sampler, batch_size, shard_options.shard_count)
     if worker_count:
