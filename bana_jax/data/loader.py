@@ -119,6 +119,7 @@ class HostBlockSampler:
     loader position j * n + p (local record j = k * b + r, b = B / n) to the logical position
     k * B + p * b + r of `sampler`, whose record and augmentation stream it returns: row p * b + r
     of global batch k is then logical position k * B + p * b + r for any process count.
+    Exact without worker processes: with workers, grain batches each worker's positions apart.
     """
 
     def __init__(self, sampler, local_batch: int, shard_count: int):
