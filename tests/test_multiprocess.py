@@ -3,8 +3,9 @@ each) against one process with 8: `bana stage1` for a few steps and `bana stage2
 set must give what one process gives. The two processes read the records `bana prepare` wrote
 (data.source=tfds, each host its own rows through grain), the one process the generator itself.
 
-- stage 1: the same losses and, within float tolerance, the same trained labeler; the two-process
-  train checkpoint is restorable by one process and equals the one-process checkpoint.
+- stage 1 (the two processes in two pieces, the second resuming from their checkpoint): the same
+  losses and, within float tolerance, the same trained labeler; the two-process train checkpoint
+  is restorable by one process and equals the one-process checkpoint.
 - stage 2 (both runs label with the one-process labeler, so any difference is the host split's):
   the union of the hosts' PNGs is byte-identical, the summed confusion matrices equal.
 """
@@ -46,22 +47,27 @@ def cache_dir() -> str:
 DATA = ["--config.data.synthetic_size=48", "--config.data.synthetic_images=16"]
 
 
-def commands(workdir: Path, labeler_workdir: Path, prepared: Path | None = None) -> list[str]:
-    """`bana stage1 ... --then bana stage2 ...` for the worker, tiny sizes; `prepared`: read the
-    records `bana prepare` wrote there (data.source=tfds) instead of the generator."""
+def commands(workdir: Path, labeler_workdir: Path, prepared: Path | None = None,
+             pieces: tuple[int, ...] = (STEPS,)) -> list[str]:
+    """`bana stage1 ... [--then bana stage1 ...] --then bana stage2 ...` for the worker, tiny
+    sizes. `prepared`: read the records `bana prepare` wrote there (data.source=tfds) instead of
+    the generator. `pieces`: stage 1 runs to each of these steps in turn, resuming each time (the
+    learning rate is constant before the demo's step boundary, so pieces do not change it)."""
     common = DATA + ["--config.train.progress_bar=false", f"--config.train.compilation_cache={cache_dir()}"]
     if prepared is not None:
         common += ["--config.data.source=tfds", f"--config.data.prepared_dir={prepared}"]
-    stage1 = ["stage1", f"--config={REPO / 'configs/demo/stage1.py'}", f"--workdir={workdir / 'stage1'}",
-              "--config.data.crop_size=48", f"--config.train.num_steps={STEPS}",
-              "--config.eval.max_images=4",
-              # The plain trunk: after 6 steps its labels show foreground (the demo's BatchNorm
-              # trunk's are background only), so stage 2 has something to get wrong.
-              "--config.model.vgg_norm=none"] + common
+    out = []
+    for steps in pieces:
+        out += ["stage1", f"--config={REPO / 'configs/demo/stage1.py'}", f"--workdir={workdir / 'stage1'}",
+                "--config.data.crop_size=48", f"--config.train.num_steps={steps}",
+                "--config.eval.max_images=4", f"--config.train.log_every={STEPS // 2}",
+                # The plain trunk: after 6 steps its labels show foreground (the demo's BatchNorm
+                # trunk's are background only), so stage 2 has something to get wrong.
+                "--config.model.vgg_norm=none"] + common + ["--then"]
     stage2 = ["stage2", f"--config={REPO / 'configs/demo/stage2.py'}", f"--workdir={workdir / 'stage2'}",
               f"--config.pseudo.stage1_workdir={labeler_workdir / 'stage1'}",
               "--config.pseudo.save_visualisations=false", "--config.pseudo.baselines=box_fill"] + common
-    return stage1 + ["--then"] + stage2
+    return out + stage2
 
 
 def launch(args: list[str], devices: int, process_id: int | None = None, processes: int = 1,
@@ -104,8 +110,10 @@ def runs(tmp_path_factory):
     wait_all([launch(commands(single, single), devices=8, log=logs[0])], logs)
     port = free_port()
     logs = [root / f"multi{i}.log" for i in range(2)]
-    wait_all([launch(commands(multi, single, prepared), devices=4, process_id=i, processes=2, port=port,
-                     log=logs[i]) for i in range(2)], logs)
+    # Stage 1 in two pieces: the second resumes from the two-process checkpoint, each process
+    # from its own data position.
+    wait_all([launch(commands(multi, single, prepared, pieces=(STEPS // 2, STEPS)), devices=4,
+                     process_id=i, processes=2, port=port, log=logs[i]) for i in range(2)], logs)
     return single, multi, root
 
 
@@ -116,6 +124,7 @@ def test_two_processes_really_ran(runs):
         assert "Connecting to JAX distributed service on 127.0.0.1" in text, text[-3000:]
     stored = json.loads((multi / "stage1" / "config.json").read_text())
     assert stored["data"]["source"] == "tfds"
+    assert f"at step {STEPS // 2}" in (root / "multi0.log").read_text()  # the second piece resumed
 
 
 def assert_close(got, want, tolerance: float = 1e-4) -> None:
@@ -138,7 +147,7 @@ def test_stage1_losses_and_labeler_match(runs):
 
     single, multi, _ = runs
     a, b = metrics(single), metrics(multi)
-    assert [r["step"] for r in a] == [r["step"] for r in b] and a[-1]["step"] == STEPS
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [STEPS // 2, STEPS]
     for ra, rb in zip(a, b):
         for key in ("loss", "accuracy", "fg_accuracy", "bg_accuracy"):
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, err_msg=key)
