@@ -69,7 +69,11 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
     """
     data = config.data
     split = split or data.split
-    if data.name == "synthetic":
+    if data.source == "tfds":  # the records `bana prepare` wrote: the same samples, same order
+        from bana_jax import prepare
+
+        source = prepare.prepared_source(config, split)
+    elif data.name == "synthetic":
         if split not in SYNTHETIC_SEEDS:
             raise ValueError(f"synthetic data has splits {sorted(SYNTHETIC_SEEDS)}, got split={split!r}")
         spec = dict(name="synthetic", num_images=data.synthetic_images or 200,
@@ -103,7 +107,9 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
     description = dict(name=data.name, split=split, root=data.root, images=data.images,
                        annotations=data.annotations, classes=data.classes, max_images=max_images,
                        pseudo_labels=str(pseudo_labels or ""), size=len(source))
-    if data.name == "synthetic":
+    if data.source == "tfds":
+        description.update(source="tfds", prepared_dir=data.prepared_dir)
+    elif data.name == "synthetic":
         description.update(synthetic=spec)
     return _NamedSource(source, f"bana_source({json.dumps(description, sort_keys=True)})")
 

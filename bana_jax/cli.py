@@ -12,6 +12,8 @@ Subcommands dispatch to `main(config, workdir)` in their module:
     evaluate-cams  bana_jax.evaluate_cams CAM precision / box classification of a stage-1 run
     compare-torch  bana_jax.compare_torch compare with the official PyTorch code / checkpoints
                    (its own flags: --arch {labeler,deeplab_v1,deeplab_v2} --checkpoint FILE.pt)
+    prepare        bana_jax.prepare       write data.* as tfds records into --workdir
+                   (then --config.data.source=tfds --config.data.prepared_dir=WORKDIR)
 
 `--config.a.b=v` (or `--config.a.b v`) sets a field; the value is parsed with the field's type
 (booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`). Unknown fields and wrong types fail
@@ -39,6 +41,8 @@ SUBCOMMANDS = {
                       "CAM precision and box classification accuracy of a stage-1 run"),
     "compare-torch": ("bana_jax.compare_torch",
                       "compare against the official PyTorch implementation"),
+    "prepare": ("bana_jax.prepare",
+                "write the dataset of data.* as tfds array_record files (read with data.source=tfds)"),
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -238,7 +238,7 @@ def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
         except (OSError, DataError) as err:  # a missing evaluation split must not lose the run
             logger.warning("no box accuracy: split %r unreadable (%s)", split, err)
             accuracy = None
-    if accuracy is not None:
+    if accuracy is not None and mesh_lib.is_main_process():  # every host computes it; one logs
         logger.info("classification accuracy on ground-truth boxes (%s, %d boxes, %s): %.2f%%\n%s",
                     split, accuracy["num_boxes"], config.loss.pooling, 100 * accuracy["accuracy"],
                     evaluate_cams.format_box_accuracy(accuracy, builders.class_names(config)))

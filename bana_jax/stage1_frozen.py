@@ -174,8 +174,8 @@ class ViewBatches:
 
     All views of a step have the same array shapes: step t draws one shape group from `seed` and
     t, and record i of the stream an image, by `sampler` (or uniformly when None), and one of its
-    views in that group, from `seed` and i. Process p of n takes records p, p + n, ... of each
-    global batch.
+    views in that group, from `seed` and i. Process p of n takes the p-th block of
+    batch_size / n records of each global batch.
     """
 
     def __init__(self, views: list[list[dict]], batch_size: int, seed: int, sampler=None,
@@ -204,9 +204,12 @@ class ViewBatches:
         group = self.groups[int(rng.integers(len(self.groups)))]
         first = self.step * self.batch_size
         records = [self._record(first + i, group) for i in range(self.batch_size)]
+        # Process p's rows are block p of the global batch (mesh.shard_batch stacks processes in
+        # order), so the global batch is the same for any process count.
+        local = self.batch_size // self.process_count
         self.step += 1
         batch = {key: np.stack([np.asarray(r[key], np.float32) if r[key].dtype == np.float16 else r[key]
-                                for r in records[self.process_index::self.process_count]])
+                                for r in records[self.process_index * local:(self.process_index + 1) * local]])
                  for key in records[0]}
         if "image" in batch:
             # Boxes cut to the global batch's largest count (a power of two, valid boxes come

@@ -404,6 +404,9 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                         f"{workers} CPU workers, device {jax.devices()[0].platform}",
         "backbone_image_sizes": len(extractor.image_sizes),
         "backbone_compilations": len(extractor.backbone_sizes),
+        # Summed over hosts (exact integers): rows = ground truth, columns = prediction.
+        "confusion": {m: conf[m].tolist() for m in METHODS if m in ("y_crf", "y_ret", "agreement")
+                      or m in baselines} if counts[3] else {},
         "settings": {"use_u0": bool(pseudo.use_u0), "image_bucket": extractor.image_bucket, "crf": crf_params,
                      "unseen_classes": list(unseen_classes), "baselines": list(baselines)},
     }

@@ -130,3 +130,35 @@ def test_data_errors_in_workers_reach_the_parent_with_file_and_reason(source):
         err = err.__cause__ or err.__context__
     assert any(isinstance(e, DataError) and e.path == "/data/photos/000003.jpg"
                and "truncated JPEG" in str(e) for e in chain), [repr(e) for e in chain]
+
+
+def test_hosts_stack_to_the_single_host_batches():
+    """Process p's local batch is block p of the global batch one process reads (same records,
+    same augmentation), for the default shuffle and the class-balanced sampler."""
+    from bana_jax.data import sampling
+
+    src = _Tagged(synthetic.SyntheticSource(num_images=10, image_size=40, num_classes=3))
+    balanced = sampling.ClassBalancedSampler(sampling.image_classes(src), seed=0)
+    for sampler in (None, balanced):
+        def batches(shard_index, shard_count):
+            it = iter(loader.make_train_loader(src, CFG, batch_size=4 // shard_count, seed=3,
+                                               shard_index=shard_index, shard_count=shard_count,
+                                               sampler=sampler))
+            return _take(it, 4)  # crosses the first epoch's end (10 records)
+
+        whole, hosts = batches(0, 1), [batches(p, 2) for p in (0, 1)]
+        for k, batch in enumerate(whole):
+            stacked = {key: np.concatenate([hosts[0][k][key], hosts[1][k][key]]) for key in batch}
+            _same(batch, stacked)
+
+
+def test_host_block_sampler_keeps_whole_global_batches_only():
+    import grain.python as grain
+
+    inner = grain.IndexSampler(num_records=10, shard_options=grain.NoSharding(), shuffle=False,
+                               num_epochs=1, seed=0)
+    sampler = loader.HostBlockSampler(inner, local_batch=2, shard_count=2)
+    assert len(sampler) == 8
+    # Loader positions j * 2 + p; process 0 reads 0, 2, 4, 6 -> logical 0, 1, 4, 5.
+    assert [sampler.logical_index(i) for i in range(8)] == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert [sampler[i].record_key for i in (0, 2, 4, 6)] == [0, 1, 4, 5]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import grain.python as grain
 import numpy as np
@@ -108,6 +109,47 @@ def _shard(shard_index, shard_count) -> grain.ShardOptions:
                               drop_remainder=True)
 
 
+class HostBlockSampler:
+    """Puts process p's records in block p of every global batch, as one process would.
+
+    grain's DataLoader gives process p of n the sampler positions p, p + n, p + 2n, ...; stacked
+    by `mesh.shard_batch` (process 0's rows first), global batch k would then hold positions
+    kB, kB + 2, ..., kB + 1, kB + 3, ...: the same records as one process reads, in another order,
+    so the loss sums in another order and dropout masks land on other images. This wrapper maps
+    loader position j * n + p (local record j = k * b + r, b = B / n) to the logical position
+    k * B + p * b + r of `sampler`, whose record and augmentation stream it returns: row p * b + r
+    of global batch k is then logical position k * B + p * b + r for any process count.
+    Exact without worker processes: with workers, grain batches each worker's positions apart.
+    """
+
+    def __init__(self, sampler, local_batch: int, shard_count: int):
+        if local_batch < 1 or shard_count < 1:
+            raise ValueError(f"local_batch and shard_count must be >= 1, got {local_batch}, {shard_count}")
+        self.sampler, self.local_batch, self.shard_count = sampler, int(local_batch), int(shard_count)
+
+    def __len__(self) -> int:
+        # Whole global batches only: the positions of a partial last one would map past the end.
+        size = len(self.sampler)
+        whole = self.local_batch * self.shard_count
+        return size if size == sys.maxsize else size // whole * whole
+
+    def __repr__(self) -> str:  # grain checks it on restore: it must not depend on the process
+        return (f"HostBlockSampler({self.sampler!r}, local_batch={self.local_batch}, "
+                f"shard_count={self.shard_count})")
+
+    def logical_index(self, index: int) -> int:
+        local, shard = divmod(int(index), self.shard_count)
+        step, row = divmod(local, self.local_batch)
+        return (step * self.shard_count + shard) * self.local_batch + row
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if index < 0:
+            raise IndexError(f"record index must be >= 0, got {index}")
+        inner = self.sampler[self.logical_index(index)]
+        # grain tracks the loader position (`index`) for get_state()/set_state().
+        return grain.RecordMetadata(index=index, record_key=inner.record_key, rng=inner.rng)
+
+
 def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
                       crop_size: int | None = None, max_boxes: int | None = None,
                       seed: int | None = None, num_epochs: int | None = None,
@@ -140,8 +182,15 @@ def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shard_options = _shard(shard_index, shard_count)
     if sampler is None:
-        sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options,
-                                     shuffle=True, num_epochs=num_epochs, seed=seed)
+        # One shuffle of all records, the same on every host (NoSharding): the loader's
+        # shard_options split its positions over hosts, so the global batches do not depend on
+        # the process count (with grain's own per-host shards they would). One host keeps its
+        # ShardOptions(0, 1): the same order, and the repr its checkpoints were written with.
+        sampler = grain.IndexSampler(
+            num_records=len(source), shuffle=True, num_epochs=num_epochs, seed=seed,
+            shard_options=shard_options if shard_options.shard_count == 1 else grain.NoSharding())
+    if shard_options.shard_count > 1:
+        sampler = HostBlockSampler(sampler, batch_size, shard_options.shard_count)
     if worker_count:
         # grain's worker processes read absl flags; a program that never parsed them (pytest, a
         # notebook) would fail with UnparsedFlagAccessError.

@@ -13,6 +13,7 @@ with OpenCV installed tfds decodes palette PNGs to colours.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
@@ -53,7 +54,7 @@ class VocSbd(tfds.core.GeneratorBasedBuilder):
     SPLITS = ("train_aug", "val")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=_features(),
+        return tfds.core.DatasetInfo(builder=self, features=_features(), disable_shuffling=True,
                                      description="PASCAL VOC 2012 + SBD, boxes and labels.")
 
     def _split_generators(self, dl_manager):
@@ -82,13 +83,20 @@ class CocoBoxes(tfds.core.GeneratorBasedBuilder):
     SPLITS = ("train2017", "val2017")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=_features(),
+        return tfds.core.DatasetInfo(builder=self, features=_features(), disable_shuffling=True,
+                                     metadata=tfds.core.MetadataDict(),
                                      description="MS-COCO 2017 boxes and semantic labels.")
 
     def _split_generators(self, dl_manager):
+        from bana_jax.data.coco import CocoSource
+
         root = os.fspath(dl_manager.manual_dir)
-        return {s: self._generate_examples(root, s) for s in self.SPLITS
-                if os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json"))}
+        splits = [s for s in self.SPLITS
+                  if os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json"))]
+        if splits:  # the names of the class ids, kept with the records (metadata.json)
+            names = CocoSource(root, split=splits[0], category_set=self.builder_config.name).class_names
+            self.info.metadata["class_names"] = list(names)
+        return {s: self._generate_examples(root, s) for s in splits}
 
     def _generate_examples(self, root, split):
         from bana_jax.data.coco import CocoSource
@@ -100,6 +108,53 @@ class CocoBoxes(tfds.core.GeneratorBasedBuilder):
             yield sample["id"], _example(sample, os.path.join(source.image_dir, info["file_name"]))
 
 
+@dataclasses.dataclass
+class SyntheticBuilderConfig(tfds.core.BuilderConfig):
+    """The generator's settings; the config name spells them (one folder per setting)."""
+
+    num_images: int = 200
+    image_size: int = 112
+    num_classes: int = 4
+
+
+def synthetic_builder_config(num_images: int, image_size: int, num_classes: int) -> SyntheticBuilderConfig:
+    return SyntheticBuilderConfig(name=f"n{num_images}_s{image_size}_c{num_classes}", num_images=num_images,
+                                  image_size=image_size, num_classes=num_classes)
+
+
+class SyntheticBoxes(tfds.core.GeneratorBasedBuilder):
+    """The embedded synthetic dataset (bana_jax.data.synthetic), images as PNG bytes (lossless:
+    they decode to the generator's pixels). Splits train / val are the generator's seeds 0 / 1."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [synthetic_builder_config(200, 112, 4)]
+    SEEDS = {"train": 0, "val": 1}
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=_features(), disable_shuffling=True,
+                                     description="bana_jax synthetic box-supervision scenes.")
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # generated, nothing to read
+        return {split: self._generate_examples(seed) for split, seed in self.SEEDS.items()}
+
+    def _generate_examples(self, seed):
+        from PIL import Image
+
+        from bana_jax.data.synthetic import SyntheticConfig, SyntheticSource
+
+        cfg = self.builder_config
+        source = SyntheticSource(SyntheticConfig(num_images=cfg.num_images, image_size=cfg.image_size,
+                                                 num_classes=cfg.num_classes, seed=seed))
+        for i in range(len(source)):
+            sample = source[i]
+            buffer = io.BytesIO()
+            Image.fromarray(sample["image"]).save(buffer, format="PNG")
+            yield sample["id"], dict(image_bytes=buffer.getvalue(), boxes=sample["boxes"],
+                                     box_labels=sample["box_labels"], id=sample["id"],
+                                     label=sample["label"])
+
+
 class TfdsSource:
     """Raw sample dicts from a tfds data source written by the builders above."""
 
@@ -108,6 +163,10 @@ class TfdsSource:
 
     def __len__(self) -> int:
         return len(self.data_source)
+
+    def box_labels(self, index: int) -> np.ndarray:
+        """Box classes of record `index` (class-balanced sampling), without decoding the image."""
+        return np.asarray(self.data_source[int(index)]["box_labels"], np.int32)
 
     def __getitem__(self, index: int) -> dict:
         from bana_jax.data.common import decode_image

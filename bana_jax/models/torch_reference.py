@@ -80,7 +80,8 @@ class LabelerRef(nn.Module):
         logits = self.classifier(vectors[:, :, None, None]).flatten(1)
         windows = out["fg_vectors"].shape[1]
         targets = torch.cat([box_labels.long().repeat_interleave(windows),
-                             torch.zeros(len(out["bg_vectors"]), dtype=torch.long)])
+                             torch.zeros(len(out["bg_vectors"]), dtype=torch.long,
+                                         device=logits.device)])
         loss = F.cross_entropy(logits, targets)
         return {**out, "features": features, "logits": logits, "targets": targets, "loss": loss}
 
@@ -135,8 +136,10 @@ def roi_extent_ref(lo, hi, size):
 def roi_grid_ref(box, roi_h, roi_w):
     """Official `gen_grid`: the `(1, roi_h, roi_w, 2)` grid (x, y) at linspace over the box."""
     x_min, y_min, x_max, y_max = box
-    grid_x = torch.linspace(x_min, x_max, roi_w).view(1, 1, roi_w, 1).expand(1, roi_h, roi_w, 1)
-    grid_y = torch.linspace(y_min, y_max, roi_h).view(1, roi_h, 1, 1).expand(1, roi_h, roi_w, 1)
+    grid_x = torch.linspace(x_min, x_max, roi_w, device=box.device)
+    grid_y = torch.linspace(y_min, y_max, roi_h, device=box.device)
+    grid_x = grid_x.view(1, 1, roi_w, 1).expand(1, roi_h, roi_w, 1)
+    grid_y = grid_y.view(1, roi_h, 1, 1).expand(1, roi_h, roi_w, 1)
     return torch.cat([grid_x, grid_y], dim=-1)
 
 
@@ -171,7 +174,7 @@ def weighted_window_pool_ref(roi, weight, out=(2, 2)):
     # Kernel from the unpadded size; at least 1 for a padded (1-pixel) ROI.
     kernel_h = max(h - (out_h - 1) * stride_h, 1)
     kernel_w = max(w - (out_w - 1) * stride_w, 1)
-    ones = torch.ones(dims, 1, kernel_h, kernel_w, dtype=roi.dtype)
+    ones = torch.ones(dims, 1, kernel_h, kernel_w, dtype=roi.dtype, device=roi.device)
     numer = F.conv2d(filtered, ones, stride=(stride_h, stride_w), groups=dims)
     denom = F.conv2d(weight, ones[:1], stride=(stride_h, stride_w)) + POOL_EPS
     return (numer / denom).flatten(2)[0].T

@@ -33,6 +33,10 @@ data.*  (input pipeline; sample and batch layout: bana_jax/data/common.py)
   view_sizes      stage 1 with model.freeze_backbone: each image is cached at these long sides,
                   padded square (and mirrored with data.flip); bana_jax.stage1_frozen
   synthetic_images, synthetic_size   synthetic dataset: number of images and their side
+  source          'files': read the dataset's own files (folders, JSON) | 'tfds': read the records
+                  `bana prepare` wrote (array_record through grain; voc, coco, synthetic): the same
+                  samples in the same order, for clusters that read prepared records
+  prepared_dir    data.source='tfds': the folder `bana prepare --workdir=DIR` wrote
 
 model.*
   name            'vgg16_labeler' | 'deeplab_v1' | 'deeplab_v2' | 'vgg_tiny' |
@@ -129,7 +133,7 @@ def base_config() -> ConfigDict:
         pseudo_labels="", batch_size=20, crop_size=321, scale_range=(0.5, 1.5), flip=True,
         color_jitter=(0.5, 1.5), max_boxes=64, max_images=0, num_workers=4,
         synthetic_images=0, synthetic_size=0, skip_bad=False, convert_modes=False, class_balanced=False,
-        view_sizes=(321,)))
+        view_sizes=(321,), source="files", prepared_dir=""))
     c.model = ConfigDict(dict(
         name="vgg16_labeler", init="hed_vgg16", num_classes=21, fc6_dilation=1, dropout=0.5,
         classifier="dot", freeze_bn=True, dtype="float32", freeze_backbone=False,
@@ -165,6 +169,7 @@ CHOICES = {
     "stage": STAGES,
     "data.name": ("voc", "coco", "coco_subset", "synthetic"),
     "data.classes": ("voc", "coco"),
+    "data.source": ("files", "tfds"),
     "model.classifier": ("dot", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
     "model.vgg_norm": ("none", "batch"),
@@ -272,6 +277,11 @@ def validate_config(config: ConfigDict) -> ConfigDict:
     check(given["loss.roi_windows"] in (1, 2), "loss.roi_windows", "1 or 2")
     check(set(given["pseudo.baselines"]) <= {"box_fill", "grabcut"}, "pseudo.baselines",
           "a subset of ('box_fill', 'grabcut')")
+    if given["data.source"] == "tfds":
+        check(bool(given["data.prepared_dir"]), "data.prepared_dir",
+              "the folder `bana prepare` wrote (data.source='tfds' reads it)")
+        check(given["data.name"] in ("voc", "coco", "synthetic"), "data.name",
+              "'voc', 'coco' or 'synthetic' with data.source='tfds' (prepared records)")
     check(len(given["data.view_sizes"]) >= 1 and all(s >= 8 for s in given["data.view_sizes"]),
           "data.view_sizes", "one or more image sizes >= 8")
     for name in ("data.scale_range", "data.color_jitter"):

@@ -88,7 +88,6 @@ def train_loop(config, workdir: str | Path, model: nnx.Module, loss_fn: LossFn,
       stop_after: stop (with a checkpoint) once this global step is reached, e.g. to split a run
         into pieces; None runs to `train.num_steps`.
     """
-    mesh_lib.maybe_initialize_distributed()
     workdir = Path(workdir)
     train_cfg = config.train
     num_steps = int(train_cfg.num_steps)

@@ -48,7 +48,9 @@ _initialized = False
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` (once) when the cluster environment asks for it.
 
-    Must run before anything touches the devices. JAX autodetects the coordinator, process count
+    The one caller is the `bana` command line (bana_jax.cli.main), before any stage runs: it must
+    come before anything touches the devices, which every stage does before its training loop.
+    Code that drives the stages from Python calls it (or `jax.distributed.initialize`) first. JAX autodetects the coordinator, process count
     and id from SLURM / Open MPI / TPU variables, or from JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     """
