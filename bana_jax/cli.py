@@ -12,6 +12,8 @@ Subcommands dispatch to `main(config, workdir)` in their module:
     evaluate-cams  bana_jax.evaluate_cams CAM precision / box classification of a stage-1 run
     compare-torch  bana_jax.compare_torch compare with the official PyTorch code / checkpoints
                    (its own flags: --arch {labeler,deeplab_v1,deeplab_v2} --checkpoint FILE.pt)
+    export-torch   bana_jax.export_torch  a trained labeler / DeepLab as an official PyTorch state dict
+                   (its own flags: --workdir RUN [--out FILE.pth])
 
 `--config.a.b=v` (or `--config.a.b v`) sets a field; the value is parsed with the field's type
 (booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`). Unknown fields and wrong types fail
@@ -39,7 +41,11 @@ SUBCOMMANDS = {
                       "CAM precision and box classification accuracy of a stage-1 run"),
     "compare-torch": ("bana_jax.compare_torch",
                       "compare against the official PyTorch implementation"),
+    "export-torch": ("bana_jax.export_torch",
+                     "write a trained labeler / DeepLab under the official PyTorch key names"),
 }
+# Subcommands with their own flags and no config: argv goes to their main(argv).
+OWN_FLAGS = ("compare-torch", "export-torch")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"demo": "configs/demo/demo.py"}
@@ -148,9 +154,8 @@ def resolve_command(command: str) -> Callable:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compare-torch"]:  # its own flags (--arch, --checkpoint), no config
-        from bana_jax import compare_torch
-        return compare_torch.main(argv[1:])
+    if argv[:1] and argv[0] in OWN_FLAGS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     parser = build_parser()
     try:
         rest, overrides = split_overrides(argv)

@@ -1,6 +1,7 @@
 """Stage 2 runner: pseudo labels `Y_crf`, `Y_ret` for a whole split, resumable, timed and scored.
 
     bana stage2 --config=configs/voc/stage2.py --workdir=DIR --config.pseudo.stage1_workdir=S1
+    bana stage2 --config=configs/voc/stage2.py --workdir=DIR --config.pseudo.labeler=ClsNet.pth
 
 writes `OUT/Y_crf/<id>.png`, `OUT/Y_ret/<id>.png` (uint8 palette PNGs, values = class ids) and
 `OUT/summary.json`, OUT = `pseudo.output_dir` or `DIR/pseudo_labels`. The math is
@@ -541,8 +542,22 @@ def _class_weights(labeler, source, class_names) -> dict:
     return dict(classifier_weight=remapped_weight, unseen_classes=unseen, num_classes=COCO_CLASSES)
 
 
+def load_official_labeler(path):
+    """The labeler of an official PyTorch `Labeler` state dict (`pseudo.labeler`), eval mode."""
+    from bana_jax.models.torch_import import official_labeler
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pseudo.labeler={str(path)!r}: no such file (expected an official Labeler "
+                                "state dict, e.g. written by `bana export-torch`)")
+    labeler = official_labeler(path, where=f"pseudo.labeler={str(path)!r}")
+    log.info("labeler from %s: %d classes, feature width %d", path, labeler.num_classes, labeler.feature_dim)
+    return labeler
+
+
 def main(config, workdir) -> dict:
-    """`bana stage2`: label `pseudo.split` with the labeler of `pseudo.stage1_workdir`.
+    """`bana stage2`: label `pseudo.split` with the labeler of `pseudo.stage1_workdir`, or with an
+    official PyTorch Labeler state dict (`pseudo.labeler`, e.g. from `bana export-torch`).
 
     A VOC labeler (21 classes) on COCO with `data.classes = 'coco'` labels all 80 COCO classes: the
     20 VOC ones with their VOC weights, the other 60 as unseen classes (`voc_weights_for_coco`).
@@ -551,13 +566,17 @@ def main(config, workdir) -> dict:
     from bana_jax.stage1 import load_trained_labeler  # written alongside; imported lazily
     from bana_jax.train.loop import configure_compilation_cache
 
-    if not config.pseudo.stage1_workdir:
-        raise ValueError("pseudo.stage1_workdir is empty: pass --config.pseudo.stage1_workdir=DIR "
-                         "(the workdir of a finished `bana stage1` run)")
+    if bool(config.pseudo.stage1_workdir) == bool(config.pseudo.labeler):
+        raise ValueError("set exactly one of pseudo.stage1_workdir (the workdir of a finished `bana stage1` "
+                         "run) and pseudo.labeler (an official PyTorch Labeler .pth), got "
+                         f"stage1_workdir={config.pseudo.stage1_workdir!r}, labeler={config.pseudo.labeler!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     configure_compilation_cache(config.train.compilation_cache, workdir)
-    labeler = load_trained_labeler(config.pseudo.stage1_workdir)
+    if config.pseudo.labeler:
+        labeler = load_official_labeler(config.pseudo.labeler)
+    else:
+        labeler = load_trained_labeler(config.pseudo.stage1_workdir)
     source = builders.data_source(config, config.pseudo.split)
     try:
         names = builders.class_names(config)
