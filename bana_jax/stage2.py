@@ -22,8 +22,10 @@ COCO classes (`data.classes = 'coco'`): the 20 VOC categories use their VOC colu
 are unseen classes (`1 - u_0` inside their boxes); see `voc_weights_for_coco`.
 
 Boxes: the data sources give inclusive pixel boxes; `pseudo_labels` wants half-open ones
-(`mask[y0:y1, x0:x1]`), so they are converted once here (`baselines.half_open_boxes`). The
-baselines take the inclusive boxes themselves.
+(`mask[y0:y1, x0:x1]`), so they are converted once here: `pseudo.box_convention = 'official'`
+gives the official code's boxes (`baselines.official_half_open_boxes`: its reading of the VOC XML
+values drops each box's first row and column), 'pixels' every pixel of the box
+(`baselines.half_open_boxes`). The baselines take the inclusive boxes themselves.
 
 Shapes and compilation: by default the backbone is compiled per exact image size, NOT for a
 padded bucket. Zero-padding the normalised image changes the features inside the valid region (the
@@ -219,7 +221,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
       labeler: a `bana_jax.models.Labeler` (trained; put in eval mode here).
       source: random-access raw samples (`image`, `boxes` inclusive pixels, `box_labels`, `id`,
         optional `label`).
-      config: uses `pseudo.use_u0`, `pseudo.grid_size` (1), `pseudo.bg_threshold` (0.99),
+      config: uses `pseudo.use_u0`, `pseudo.grid_size` (1), `pseudo.bg_threshold` (0.99), `pseudo.box_convention`,
         `pseudo.save_visualisations`, `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`,
         `model.num_classes` (unless num_classes is given).
       out_dir: where `Y_crf/`, `Y_ret/`, `baselines/grabcut/`, `visualisations/`, `summary.json` go.
@@ -256,6 +258,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     if abs(pseudo.bg_threshold - pl.BG_THRESHOLD) > 1e-12:
         raise ValueError(f"pseudo.bg_threshold must be {pl.BG_THRESHOLD} (fixed in pseudo_labels), "
                          f"got {pseudo.bg_threshold}")
+    stage2_boxes(np.zeros((0, 4), np.float32), (1, 1), pseudo.box_convention)  # a bad value fails here, not per image
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)}")
@@ -374,7 +377,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                 job.visualise = visualise and totals["computed"] <= num_visualisations
                 if len(boxes):
                     start = time.perf_counter()
-                    _device_unaries(job, extractor, weight, pseudo.use_u0, unseen_classes, image_step)
+                    _device_unaries(job, extractor, weight, pseudo.use_u0, unseen_classes, image_step,
+                                    pseudo.box_convention)
                     job.device_seconds = time.perf_counter() - start
                 else:
                     job.bg_unary, job.class_unary_max = np.ones(image.shape[:2], np.float32), None
@@ -442,7 +446,16 @@ def _check_weight(classifier_weight, dims: int) -> np.ndarray:
     return weight
 
 
-def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step) -> None:
+def stage2_boxes(boxes, image_hw, box_convention: str) -> np.ndarray:
+    """Inclusive pixel boxes -> the half-open boxes stage 2 labels with (`pseudo.box_convention`)."""
+    if box_convention == "official":
+        return baselines_lib.official_half_open_boxes(boxes, image_hw)
+    if box_convention == "pixels":
+        return baselines_lib.half_open_boxes(boxes)
+    raise ValueError(f"pseudo.box_convention must be 'official' or 'pixels', got {box_convention!r}")
+
+
+def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step, box_convention) -> None:
     """Backbone + unaries of one image; fills job.features, geom, prepared, probs (host)."""
     height, width = job.image.shape[:2]
     features, feature_hw = extractor(job.image)
@@ -450,7 +463,7 @@ def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step) 
     image_bucket = (_round_up(height, image_step), _round_up(width, image_step))
     geom = _geometry(feature_hw, (height, width), tuple(feature_bucket), image_bucket)
     num_present = len(np.unique(job.box_labels))
-    prepared = pl.prepare_boxes(baselines_lib.half_open_boxes(job.boxes), job.box_labels, (height, width),
+    prepared = pl.prepare_boxes(stage2_boxes(job.boxes, (height, width), box_convention), job.box_labels, (height, width),
                                 weight, unseen_classes=unseen_classes,
                                 max_boxes=_pow2_at_least(len(job.boxes), MIN_BOXES),
                                 max_classes=_pow2_at_least(num_present, MIN_CLASSES))

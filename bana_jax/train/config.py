@@ -92,6 +92,10 @@ pseudo.*  (stage 2: pseudo-label generation)
   baselines       learning-free labels scored beside Y_crf / Y_ret where there is ground truth:
                   any of 'box_fill', 'grabcut' (GrabCut costs about a second per box on a CPU);
                   () = none (default; the demo turns both on)
+  box_convention  which pixels a box covers in stage 2: 'official' (the official code's: the VOC XML
+                  values as 0-based half-open bounds after its float32 round trip, so a box loses
+                  its first row and column; bana_jax.baselines.official_half_open_boxes) |
+                  'pixels' (every pixel of the inclusive box)
   labeler         '' or an official PyTorch Labeler state dict (.pt/.pth, official key names,
                   e.g. from `bana export-torch`) to label with instead of pseudo.stage1_workdir
 
@@ -156,7 +160,7 @@ def base_config() -> ConfigDict:
     c.pseudo = ConfigDict(dict(
         stage1_workdir="", split="train_aug", grid_size=1, bg_threshold=0.99, use_u0=True,
         pooling="bap", output_dir="", save_visualisations=True, image_bucket=0,
-        baselines=(), labeler=""))
+        baselines=(), labeler="", box_convention="official"))
     c.crf = ConfigDict(dict(
         iterations=10, bi_w=4.0, bi_xy_std=55.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=3.0))
     c.eval = ConfigDict(dict(
@@ -177,6 +181,7 @@ CHOICES = {
     "loss.pooling": ("bap", "gap"),
     "loss.name": ("nal", "ce_s", "ce_crf", "ce_ret", "er", "bs"),
     "pseudo.pooling": ("bap", "gap"),
+    "pseudo.box_convention": ("official", "pixels"),
 }
 
 
