@@ -258,7 +258,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     if abs(pseudo.bg_threshold - pl.BG_THRESHOLD) > 1e-12:
         raise ValueError(f"pseudo.bg_threshold must be {pl.BG_THRESHOLD} (fixed in pseudo_labels), "
                          f"got {pseudo.bg_threshold}")
-    stage2_boxes(np.zeros((0, 4), np.float32), (1, 1), pseudo.box_convention)  # a bad value fails here, not per image
+    stage2_boxes(np.zeros((0, 4), np.float32), (1, 1), pseudo.box_convention)  # a bad value fails here
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)}")
@@ -446,12 +446,15 @@ def _check_weight(classifier_weight, dims: int) -> np.ndarray:
     return weight
 
 
-def stage2_boxes(boxes, image_hw, box_convention: str) -> np.ndarray:
-    """Inclusive pixel boxes -> the half-open boxes stage 2 labels with (`pseudo.box_convention`)."""
+def stage2_boxes(boxes, image_hw, box_convention: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive pixel boxes -> (the half-open boxes stage 2 labels with, those whose union is the
+    in-box region), per `pseudo.box_convention` (see `pseudo_labels.prepare_boxes`)."""
     if box_convention == "official":
-        return baselines_lib.official_half_open_boxes(boxes, image_hw)
+        return (baselines_lib.official_half_open_boxes(boxes, image_hw),
+                baselines_lib.official_region_boxes(boxes))
     if box_convention == "pixels":
-        return baselines_lib.half_open_boxes(boxes)
+        half_open = baselines_lib.half_open_boxes(boxes)
+        return half_open, half_open
     raise ValueError(f"pseudo.box_convention must be 'official' or 'pixels', got {box_convention!r}")
 
 
@@ -463,10 +466,10 @@ def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step, 
     image_bucket = (_round_up(height, image_step), _round_up(width, image_step))
     geom = _geometry(feature_hw, (height, width), tuple(feature_bucket), image_bucket)
     num_present = len(np.unique(job.box_labels))
-    prepared = pl.prepare_boxes(stage2_boxes(job.boxes, (height, width), box_convention), job.box_labels, (height, width),
-                                weight, unseen_classes=unseen_classes,
+    boxes, region = stage2_boxes(job.boxes, (height, width), box_convention)
+    prepared = pl.prepare_boxes(boxes, job.box_labels, (height, width), weight, unseen_classes=unseen_classes,
                                 max_boxes=_pow2_at_least(len(job.boxes), MIN_BOXES),
-                                max_classes=_pow2_at_least(num_present, MIN_CLASSES))
+                                max_classes=_pow2_at_least(num_present, MIN_CLASSES), region_boxes=region)
     unaries = pl.stage2_unaries(features, geom, prepared, use_bg_unary=bool(use_u0))
     job.probs = np.ascontiguousarray(np.asarray(unaries.probs)[:1 + num_present, :height, :width])
     job.features, job.geom, job.prepared = features, geom, prepared

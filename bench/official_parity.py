@@ -211,9 +211,11 @@ def diagnose(work: Path, voc: Path, ids, dump: Path, weights: Path) -> dict:
         ours, (h, w) = extractor(sample["image"])
         ours = np.asarray(ours)[:h, :w]
         recorded = np.load(crf_file)
-        boxes = stage2.stage2_boxes(sample["boxes"], sample["image"].shape[:2], "official")
-        mine = pl.pseudo_labels(ours, sample["image"], boxes, sample["box_labels"], weight, crf=crf)
-        theirs_in = pl.pseudo_labels(official_features, sample["image"], boxes, sample["box_labels"], weight, crf=crf)
+        boxes, region = stage2.stage2_boxes(sample["boxes"], sample["image"].shape[:2], "official")
+        mine = pl.pseudo_labels(ours, sample["image"], boxes, sample["box_labels"], weight, crf=crf,
+                                region_boxes=region)
+        theirs_in = pl.pseudo_labels(official_features, sample["image"], boxes, sample["box_labels"], weight,
+                                     crf=crf, region_boxes=region)
         official = {k: read_png(work / "official" / k / f"{image_id}.png") for k in ("Y_crf", "Y_ret")}
         q_ours = crf(sample["image"], np.ascontiguousarray(recorded["prob"], np.float32))
         row = {
