@@ -154,14 +154,14 @@ def timed(cmd, log: Path, env=None) -> float:
     return seconds
 
 
-def run_ours(work: Path, voc: Path, weights: Path, name: str) -> float:
+def run_ours(work: Path, voc: Path, weights: Path, name: str, log_name: str) -> float:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "bana_jax.cli", "stage2", "--config=configs/voc/stage2.py", f"--workdir={out}",
            f"--config.data.root={voc}", f"--config.pseudo.labeler={weights}", "--config.pseudo.baselines=()",
            "--config.pseudo.save_visualisations=false", f"--config.train.compilation_cache={work / 'jax_cache'}",
            "--config.train.progress_bar=false", "--config.data.num_workers=0"]
-    return timed(cmd, work / f"{name}.log")
+    return timed(cmd, work / f"{log_name}.log")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,8 +278,8 @@ def main() -> None:
     else:
         times["official"] = json.loads((work / "official_seconds.json").read_text())["seconds"]
     shutil.rmtree(work / "jax_cache", ignore_errors=True)
-    times["ours_cold"] = run_ours(work, voc, weights, "ours")
-    warm = [run_ours(work, voc, weights, "ours") for _ in range(args.warm_runs)]
+    times["ours_cold"] = run_ours(work, voc, weights, "ours", "ours_cold")
+    warm = [run_ours(work, voc, weights, "ours", f"ours_warm{i}") for i in range(args.warm_runs)]
     times["ours_warm"] = float(np.median(warm))
     labels = work / "ours" / "pseudo_labels"
     result = {"images": n, "load_average_at_start": load, "seconds": times,
