@@ -206,3 +206,12 @@ def test_pseudo_baselines_are_checked_at_start(raw, message):
     config = apply_overrides(base_config(), [("pseudo.baselines", raw)])
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+def test_pseudo_box_convention_follows_the_official_code_on_voc():
+    assert load_config(CONFIGS / "voc/stage2.py").pseudo.box_convention == "official"
+    for name in ("coco_subset/stage2.py", "demo/stage2.py"):  # boxes that are not VOC XML values
+        assert load_config(CONFIGS / name).pseudo.box_convention == "pixels"
+    config = apply_overrides(base_config(), [("pseudo.box_convention", "pixel")])
+    with pytest.raises(ConfigError, match=r"'pseudo.box_convention' = 'pixel': expected one of \('official', 'pixels'\)"):
+        validate_config(config)
