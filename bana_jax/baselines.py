@@ -28,6 +28,37 @@ def half_open_boxes(boxes) -> np.ndarray:
     return boxes
 
 
+def official_region_boxes(boxes) -> np.ndarray:
+    """Inclusive pixel boxes `(K, 4)` -> the half-open boxes whose union is the official code's in-box
+    region (`BgMaskfromBoxes`: `[ymin:ymax, xmin:xmax]` of the VOC XML values, no round trip)."""
+    xml = half_open_boxes(boxes)
+    xml[:, :2] += 1.0
+    return xml
+
+
+def official_half_open_boxes(boxes, image_hw) -> np.ndarray:
+    """Inclusive pixel boxes `(K, 4)` -> the half-open boxes the official stage 2 labels with.
+
+    The official code reads the VOC XML values (1-based, inclusive: our box + 1) as if they were
+    0-based half-open bounds, so each box loses its first row and column, and it reaches them
+    through a float32 round trip, `x / ((W - 1) / 2) - 1` in the data transform and `x_n * n + n`
+    in stage 2, truncated by `.long()`: about one bound in twenty comes back one pixel lower.
+    This reproduces both steps in float32. Its in-box region comes from the exact XML values
+    instead (`official_region_boxes`), so a lowered bound leaves a row or column of the box outside
+    the region. float32 `(K, 4)` `[x0, y0, x1, y1)`.
+    """
+    xml = official_region_boxes(boxes)
+    height, width = _check_image_hw(image_hw)
+    out = xml.copy()
+    for cols, size in (([0, 2], width), ([1, 3], height)):
+        if size < 2:  # the official normalisation divides by zero: nothing to reproduce
+            continue
+        half = np.float32((size - 1) / 2)
+        normalised = xml[:, cols] / half - np.float32(1)
+        out[:, cols] = np.trunc(normalised * half + half)
+    return out.astype(np.float32)
+
+
 def _check_image_hw(image_hw):
     if len(image_hw) != 2 or min(image_hw) < 1:
         raise ValueError(f"image_hw must be (height, width) >= 1, got {image_hw}")

@@ -14,6 +14,8 @@ Subcommands dispatch to `main(config, workdir)` in their module:
                    (its own flags: --arch {labeler,deeplab_v1,deeplab_v2} --checkpoint FILE.pt)
     prepare        bana_jax.prepare       write data.* as tfds records into --workdir
                    (then --config.data.source=tfds --config.data.prepared_dir=WORKDIR)
+    export-torch   bana_jax.export_torch  a trained labeler / DeepLab as an official PyTorch state dict
+                   (its own flags: --workdir RUN [--out FILE.pth])
 
 `--config.a.b=v` (or `--config.a.b v`) sets a field; the value is parsed with the field's type
 (booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`). Unknown fields and wrong types fail
@@ -43,7 +45,11 @@ SUBCOMMANDS = {
                       "compare against the official PyTorch implementation"),
     "prepare": ("bana_jax.prepare",
                 "write the dataset of data.* as tfds array_record files (read with data.source=tfds)"),
+    "export-torch": ("bana_jax.export_torch",
+                     "write a trained labeler / DeepLab under the official PyTorch key names"),
 }
+# Subcommands with their own flags and no config: argv goes to their main(argv).
+OWN_FLAGS = ("compare-torch", "export-torch")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"demo": "configs/demo/demo.py"}
@@ -152,9 +158,8 @@ def resolve_command(command: str) -> Callable:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compare-torch"]:  # its own flags (--arch, --checkpoint), no config
-        from bana_jax import compare_torch
-        return compare_torch.main(argv[1:])
+    if argv[:1] and argv[0] in OWN_FLAGS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     parser = build_parser()
     try:
         rest, overrides = split_overrides(argv)

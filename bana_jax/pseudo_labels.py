@@ -138,7 +138,9 @@ class PreparedBoxes(NamedTuple):
     boxes_px `(Kb, 4)` int32 `[x0, y0, x1, y1]`; box_channel `(Kb,)` int32, the box's channel
     1..P (0 for padding boxes); classes `(P,)` int, the class id of channels 1..P (host only);
     channel_weights `(D, 1 + Pb)` classifier weights per channel (zeros where a class has none);
-    channel_has_weight `(1 + Pb,)` bool; channel_valid `(1 + Pb,)` bool (False for padding channels).
+    channel_has_weight `(1 + Pb,)` bool; channel_valid `(1 + Pb,)` bool (False for padding channels);
+    region_px `(Kb, 4)` int32: the boxes whose union is the in-box region (background prototype,
+    `u_0`, where the softmax applies, Y_ret's forced background); `boxes_px` unless given apart.
     """
 
     boxes_px: np.ndarray
@@ -147,11 +149,17 @@ class PreparedBoxes(NamedTuple):
     channel_weights: np.ndarray
     channel_has_weight: np.ndarray
     channel_valid: np.ndarray
+    region_px: np.ndarray
 
 
 def prepare_boxes(boxes, box_labels, image_hw, classifier_weight, *, unseen_classes: Sequence[int] = (),
-                  max_boxes: int | None = None, max_classes: int | None = None) -> PreparedBoxes:
+                  max_boxes: int | None = None, max_classes: int | None = None,
+                  region_boxes=None) -> PreparedBoxes:
     """Channels for the classes present (ascending id) and their classifier weights.
+
+    region_boxes `(K, 4)`: other boxes (same convention, one per box) whose union is the in-box
+    region, as the official code's `BgMaskfromBoxes` is not cut from the boxes it labels with
+    (`baselines.official_half_open_boxes`); default `boxes`.
 
     classifier_weight `(D, C)`: column c scores class c (column 0 background). A class in
     `unseen_classes` (or with id >= C) has no weight: its unary is `1 - u_0` inside its boxes.
@@ -184,10 +192,16 @@ def prepare_boxes(boxes, box_labels, image_hw, classifier_weight, *, unseen_clas
             channel_weights[:, ch], has_weight[ch] = weight[:, cls], True
     padded_boxes = np.zeros((kb, 4), np.int32)
     padded_boxes[:k] = boxes_px
+    padded_region = padded_boxes.copy()
+    if region_boxes is not None:
+        if np.shape(region_boxes) != np.shape(boxes_px):
+            raise ValueError(f"region_boxes must be (K, 4) like boxes, got shape {np.shape(region_boxes)}")
+        padded_region[:k] = box_pixels(region_boxes, image_hw)
     box_channel = np.zeros(kb, np.int32)
     box_channel[:k] = np.searchsorted(classes, labels) + 1
     channel_valid = np.arange(1 + pb) <= p
-    return PreparedBoxes(padded_boxes, box_channel, classes, channel_weights, has_weight, channel_valid)
+    return PreparedBoxes(padded_boxes, box_channel, classes, channel_weights, has_weight, channel_valid,
+                         padded_region)
 
 
 def remap_classifier_weight(classifier_weight, columns) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -339,14 +353,20 @@ class Unaries(NamedTuple):
     bg_attention: jax.Array
 
 
+def _inside(region_px, box_channel, geom):
+    """`(Hb, Wb)` bool: the union of the region boxes."""
+    rows, cols = _box_extents(region_px, box_channel, geom)
+    return _channel_box_masks(rows, cols, box_channel, 1)[0]
+
+
 def _unaries(features, geom, boxes_px, box_channel, channel_weights, channel_has_weight,
-             channel_valid, *, use_bg_unary, fast):
+             channel_valid, region_px, *, use_bg_unary, fast):
     num_channels = channel_weights.shape[1]
     ops = _ops(features, geom, fast)
     pixel_valid = geom.pixel_rows[:, None] & geom.pixel_cols[None, :]
     in_rows, in_cols = _box_extents(boxes_px, box_channel, geom)
     class_masks = _channel_box_masks(in_rows, in_cols, box_channel, num_channels)
-    inside = class_masks[0]
+    inside = _inside(region_px, box_channel, geom)
     background = pixel_valid & ~inside
 
     # Single background prototype: mean upsampled feature outside every box. With no background
@@ -376,11 +396,11 @@ def _unaries(features, geom, boxes_px, box_channel, channel_weights, channel_has
     unseen_unary = jnp.where(class_masks[1:], 1.0 - bg_unary[None], 0.0)
     class_unary = jnp.where(channel_has_weight[1:, None, None], class_unary, unseen_unary)
 
-    logits = jnp.concatenate([bg_unary[None], class_unary], axis=0)
-    logits = jnp.where(channel_valid[:, None, None], logits, -jnp.inf)
-    softmax = jax.nn.softmax(logits, axis=0)
-    onehot_bg = (jnp.arange(num_channels) == 0).astype(jnp.float32)[:, None, None]
-    probs = jnp.where(inside[None], softmax, onehot_bg)
+    unaries = jnp.concatenate([bg_unary[None], class_unary], axis=0)
+    softmax = jax.nn.softmax(jnp.where(channel_valid[:, None, None], unaries, -jnp.inf), axis=0)
+    # Outside the region the unaries go to the CRF as they are, as in the official code: the one-hot
+    # background, unless a class box reaches out of the region (region_px apart from boxes_px).
+    probs = jnp.where(inside[None], softmax, jnp.where(channel_valid[:, None, None], unaries, 0.0))
     return Unaries(probs, bg_unary, class_unary, attention)
 
 
@@ -390,7 +410,8 @@ _unaries_jit = jax.jit(_unaries, static_argnames=("use_bg_unary", "fast"))
 def _as_device_args(geom, prepared):
     return (Geometry(*map(jnp.asarray, geom)), jnp.asarray(prepared.boxes_px),
             jnp.asarray(prepared.box_channel), jnp.asarray(prepared.channel_weights),
-            jnp.asarray(prepared.channel_has_weight), jnp.asarray(prepared.channel_valid))
+            jnp.asarray(prepared.channel_has_weight), jnp.asarray(prepared.channel_valid),
+            jnp.asarray(prepared.region_px))
 
 
 def _check_features(features, geom):
@@ -454,13 +475,13 @@ class Retrieval(NamedTuple):
 
 
 def _retrieval(features, geom, crf_map, boxes_px, box_channel, channel_weights, channel_has_weight,
-               channel_valid, *, fast):
+               channel_valid, region_px, *, fast):
     num_channels = channel_weights.shape[1]
     ops = _ops(features, geom, fast)
     pixel_valid = geom.pixel_rows[:, None] & geom.pixel_cols[None, :]
     in_rows, in_cols = _box_extents(boxes_px, box_channel, geom)
     class_masks = _channel_box_masks(in_rows, in_cols, box_channel, num_channels)
-    inside = class_masks[0]
+    inside = _inside(region_px, box_channel, geom)
 
     # Prototype per channel: mean feature of its Y_crf pixels, else its classifier weight, else
     # (unseen class without pixels) zero, which scores 0 everywhere.
@@ -510,7 +531,8 @@ def _pad_to(array, shape, value=0):
 def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
                   crf: Callable[[np.ndarray, np.ndarray], np.ndarray], use_bg_unary: bool = True,
                   unseen_classes: Sequence[int] = (), fast: bool = True, feature_bucket=None,
-                  image_bucket=None, max_boxes: int | None = None, max_classes: int | None = None) -> dict:
+                  image_bucket=None, max_boxes: int | None = None, max_classes: int | None = None,
+                  region_boxes=None) -> dict:
     """Y_crf and Y_ret of one image (main paper, stage 2, as the official script computes it).
 
     features `(h, w, D)` from the labeler in eval mode; image uint8 `(H, W, 3)` RGB; boxes `(K, 4)`
@@ -518,7 +540,8 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
     crf(image, probs `(1 + P, H, W)`) -> refined probs, e.g.
     `functools.partial(crf_ext.dense_crf, bi_w=4, bi_xy_std=55, bi_rgb_std=3, pos_w=3, pos_xy_std=3,
     n_iter=10)`. feature_bucket / image_bucket / max_boxes / max_classes pad to fixed shapes so one
-    compilation serves many images; the result does not depend on them.
+    compilation serves many images; the result does not depend on them. region_boxes: see
+    `prepare_boxes`.
     Returns uint8 `y_crf`, `y_ret` `(H, W)` and float32 `probs` `(1 + P, H, W)`, `bg_unary` `(H, W)`,
     `class_unary` `(P, H, W)`, plus `classes` `(P,)`.
     """
@@ -533,7 +556,8 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
     geom = make_geometry((h, w), (height, width), padded_feature_hw=feature_bucket,
                          padded_image_hw=image_bucket)
     prepared = prepare_boxes(boxes, box_labels, (height, width), classifier_weight,
-                             unseen_classes=unseen_classes, max_boxes=max_boxes, max_classes=max_classes)
+                             unseen_classes=unseen_classes, max_boxes=max_boxes, max_classes=max_classes,
+                             region_boxes=region_boxes)
     num_present = len(prepared.classes)
     padded = _pad_to(features, (geom.rows.shape[1], geom.cols.shape[1]))
     unaries = stage2_unaries(padded, geom, prepared, use_bg_unary=use_bg_unary, fast=fast)

@@ -1,6 +1,7 @@
 """Stage 2 runner: pseudo labels `Y_crf`, `Y_ret` for a whole split, resumable, timed and scored.
 
     bana stage2 --config=configs/voc/stage2.py --workdir=DIR --config.pseudo.stage1_workdir=S1
+    bana stage2 --config=configs/voc/stage2.py --workdir=DIR --config.pseudo.labeler=ClsNet.pth
 
 writes `OUT/Y_crf/<id>.png`, `OUT/Y_ret/<id>.png` (uint8 palette PNGs, values = class ids) and
 `OUT/summary.json`, OUT = `pseudo.output_dir` or `DIR/pseudo_labels`. The math is
@@ -21,8 +22,10 @@ COCO classes (`data.classes = 'coco'`): the 20 VOC categories use their VOC colu
 are unseen classes (`1 - u_0` inside their boxes); see `voc_weights_for_coco`.
 
 Boxes: the data sources give inclusive pixel boxes; `pseudo_labels` wants half-open ones
-(`mask[y0:y1, x0:x1]`), so they are converted once here (`baselines.half_open_boxes`). The
-baselines take the inclusive boxes themselves.
+(`mask[y0:y1, x0:x1]`), so they are converted once here: `pseudo.box_convention = 'official'`
+gives the official code's boxes (`baselines.official_half_open_boxes`: its reading of the VOC XML
+values drops each box's first row and column), 'pixels' every pixel of the box
+(`baselines.half_open_boxes`). The baselines take the inclusive boxes themselves.
 
 Shapes and compilation: by default the backbone is compiled per exact image size, NOT for a
 padded bucket. Zero-padding the normalised image changes the features inside the valid region (the
@@ -219,7 +222,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
       labeler: a `bana_jax.models.Labeler` (trained; put in eval mode here).
       source: random-access raw samples (`image`, `boxes` inclusive pixels, `box_labels`, `id`,
         optional `label`).
-      config: uses `pseudo.use_u0`, `pseudo.save_visualisations`, `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`,
+      config: uses `pseudo.use_u0`, `pseudo.box_convention`, `pseudo.save_visualisations`,
+        `pseudo.image_bucket` (0: exact backbone sizes), `crf.*`,
         `model.num_classes` (unless num_classes is given).
       out_dir: where `Y_crf/`, `Y_ret/`, `baselines/grabcut/`, `visualisations/`, `summary.json` go.
       baselines: which of "box_fill", "grabcut" to score when ground truth exists (GrabCut costs
@@ -250,6 +254,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     """
     out_dir = Path(out_dir)
     pseudo, crf_cfg = config.pseudo, config.crf
+    stage2_boxes(np.zeros((0, 4), np.float32), (1, 1), pseudo.box_convention)  # a bad value fails here
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)}")
@@ -369,7 +374,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                 job.visualise = visualise and position < num_visualisations
                 if len(boxes):
                     start = time.perf_counter()
-                    _device_unaries(job, extractor, weight, pseudo.use_u0, unseen_classes, image_step)
+                    _device_unaries(job, extractor, weight, pseudo.use_u0, unseen_classes, image_step,
+                                    pseudo.box_convention)
                     job.device_seconds = time.perf_counter() - start
                 else:
                     job.bg_unary, job.class_unary_max = np.ones(image.shape[:2], np.float32), None
@@ -440,7 +446,19 @@ def _check_weight(classifier_weight, dims: int) -> np.ndarray:
     return weight
 
 
-def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step) -> None:
+def stage2_boxes(boxes, image_hw, box_convention: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive pixel boxes -> (the half-open boxes stage 2 labels with, those whose union is the
+    in-box region), per `pseudo.box_convention` (see `pseudo_labels.prepare_boxes`)."""
+    if box_convention == "official":
+        return (baselines_lib.official_half_open_boxes(boxes, image_hw),
+                baselines_lib.official_region_boxes(boxes))
+    if box_convention == "pixels":
+        half_open = baselines_lib.half_open_boxes(boxes)
+        return half_open, half_open
+    raise ValueError(f"pseudo.box_convention must be 'official' or 'pixels', got {box_convention!r}")
+
+
+def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step, box_convention) -> None:
     """Backbone + unaries of one image; fills job.features, geom, prepared, probs (host)."""
     height, width = job.image.shape[:2]
     features, feature_hw = extractor(job.image)
@@ -448,10 +466,10 @@ def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step) 
     image_bucket = (_round_up(height, image_step), _round_up(width, image_step))
     geom = _geometry(feature_hw, (height, width), tuple(feature_bucket), image_bucket)
     num_present = len(np.unique(job.box_labels))
-    prepared = pl.prepare_boxes(baselines_lib.half_open_boxes(job.boxes), job.box_labels, (height, width),
-                                weight, unseen_classes=unseen_classes,
+    boxes, region = stage2_boxes(job.boxes, (height, width), box_convention)
+    prepared = pl.prepare_boxes(boxes, job.box_labels, (height, width), weight, unseen_classes=unseen_classes,
                                 max_boxes=_pow2_at_least(len(job.boxes), MIN_BOXES),
-                                max_classes=_pow2_at_least(num_present, MIN_CLASSES))
+                                max_classes=_pow2_at_least(num_present, MIN_CLASSES), region_boxes=region)
     unaries = pl.stage2_unaries(features, geom, prepared, use_bg_unary=bool(use_u0))
     job.probs = np.ascontiguousarray(np.asarray(unaries.probs)[:1 + num_present, :height, :width])
     job.features, job.geom, job.prepared = features, geom, prepared
@@ -540,8 +558,22 @@ def _class_weights(labeler, source, class_names) -> dict:
     return dict(classifier_weight=remapped_weight, unseen_classes=unseen, num_classes=COCO_CLASSES)
 
 
+def load_official_labeler(path):
+    """The labeler of an official PyTorch `Labeler` state dict (`pseudo.labeler`), eval mode."""
+    from bana_jax.models.torch_import import official_labeler
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pseudo.labeler={str(path)!r}: no such file (expected an official Labeler "
+                                "state dict, e.g. written by `bana export-torch`)")
+    labeler = official_labeler(path, where=f"pseudo.labeler={str(path)!r}")
+    log.info("labeler from %s: %d classes, feature width %d", path, labeler.num_classes, labeler.feature_dim)
+    return labeler
+
+
 def main(config, workdir) -> dict:
-    """`bana stage2`: label `pseudo.split` with the labeler of `pseudo.stage1_workdir`.
+    """`bana stage2`: label `pseudo.split` with the labeler of `pseudo.stage1_workdir`, or with an
+    official PyTorch Labeler state dict (`pseudo.labeler`, e.g. from `bana export-torch`).
 
     A VOC labeler (21 classes) on COCO with `data.classes = 'coco'` labels all 80 COCO classes: the
     20 VOC ones with their VOC weights, the other 60 as unseen classes (`voc_weights_for_coco`).
@@ -550,15 +582,19 @@ def main(config, workdir) -> dict:
     from bana_jax.train.config import ConfigError
     from bana_jax.train.loop import configure_compilation_cache
 
-    if not config.pseudo.stage1_workdir:
-        raise ConfigError("pseudo.stage1_workdir is empty: pass --config.pseudo.stage1_workdir=DIR "
-                         "(the workdir of a finished `bana stage1` run)")
+    if bool(config.pseudo.stage1_workdir) == bool(config.pseudo.labeler):
+        raise ConfigError("set exactly one of pseudo.stage1_workdir (the workdir of a finished `bana stage1` "
+                          "run) and pseudo.labeler (an official PyTorch Labeler .pth), got "
+                          f"stage1_workdir={config.pseudo.stage1_workdir!r}, labeler={config.pseudo.labeler!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # what `bana stage2` compares a re-run with
         bio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     configure_compilation_cache(config.train.compilation_cache, workdir)
-    labeler = artifacts.load_model(config.pseudo.stage1_workdir, "labeler")
+    if config.pseudo.labeler:
+        labeler = load_official_labeler(config.pseudo.labeler)
+    else:
+        labeler = artifacts.load_model(config.pseudo.stage1_workdir, "labeler")
     source = builders.data_source(config, config.pseudo.split)
     try:
         names = builders.class_names(config)

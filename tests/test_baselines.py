@@ -78,3 +78,30 @@ def test_grabcut_degenerate_boxes_and_overlap():
     assert (both == 4).sum() == 25
     with pytest.raises(ValueError, match="image"):
         baselines.grabcut(image.astype(np.float32), np.zeros((0, 4)), [])
+
+
+def test_official_boxes_reproduce_the_official_arithmetic():
+    """The official code's boxes, computed as it does (NumPy float32 normalisation in the data transform,
+    then a float32 torch round trip and `.long()`), from the VOC XML values = inclusive box + 1."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    for height, width in ((480, 640), (427, 640), (333, 500), (375, 499), (2, 3)):
+        x0 = rng.integers(0, width, 300)
+        x1 = np.minimum(x0 + rng.integers(0, width, 300), width - 1)
+        y0 = rng.integers(0, height, 300)
+        y1 = np.minimum(y0 + rng.integers(0, height, 300), height - 1)
+        inclusive = np.stack([x0, y0, x1, y1], 1).astype(np.float32)
+        xml = inclusive + 1  # VOC: 1-based
+        norm_h, norm_w = (height - 1) / 2, (width - 1) / 2
+        normalised = xml.copy()
+        normalised[:, [0, 2]] = normalised[:, [0, 2]] / norm_w - 1
+        normalised[:, [1, 3]] = normalised[:, [1, 3]] / norm_h - 1
+        back = torch.from_numpy(normalised)
+        back[:, [0, 2]] = back[:, [0, 2]] * norm_w + norm_w
+        back[:, [1, 3]] = back[:, [1, 3]] * norm_h + norm_h
+        expected = back.long().numpy()
+        got = baselines.official_half_open_boxes(inclusive, (height, width))
+        np.testing.assert_array_equal(got, expected, err_msg=f"{height}x{width}")
+        if height > 100:  # the round trip lowers some bounds by one, and only by one
+            lowered = expected != xml
+            assert 0 < lowered.sum() < lowered.size // 4 and np.all(xml[lowered] - expected[lowered] == 1)

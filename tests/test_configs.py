@@ -197,3 +197,37 @@ def test_shrink_scales_the_schedule():
     assert tuple(small.optim.step_boundaries) == (5000 * 30 // 8000,)
     assert small.data.crop_size == 129 and tuple(small.eval.scales) == (1.0,)
     assert config.train.num_steps == 8000  # the original is untouched
+
+
+def test_pseudo_baselines_default_off_except_the_demo():
+    for name in ("voc/stage2.py", "coco_subset/stage2.py"):
+        assert tuple(load_config(CONFIGS / name).pseudo.baselines) == ()
+    assert tuple(load_config(CONFIGS / "demo/stage2.py").pseudo.baselines) == ("box_fill", "grabcut")
+
+
+@pytest.mark.parametrize("raw, expected", [("box_fill", ("box_fill",)), ("grabcut,box_fill", ("grabcut", "box_fill")),
+                                           ("('box_fill', 'grabcut')", ("box_fill", "grabcut")), ("()", ()), ("", ())])
+def test_pseudo_baselines_from_the_command_line(raw, expected):
+    config = validate_config(apply_overrides(base_config(), [("pseudo.baselines", raw)]))
+    assert tuple(config.pseudo.baselines) == expected
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("grabcutt", r"'pseudo.baselines' = \('grabcutt',\): unknown baseline 'grabcutt'; did you mean 'grabcut'"),
+    ("box_fill,none", r"unknown baseline 'none'.*expected any of \('box_fill', 'grabcut'\)"),
+    ("box_fill,box_fill", r"\['box_fill'\] given more than once"),
+    ("(1, 2)", r"unknown baseline 1"),
+])
+def test_pseudo_baselines_are_checked_at_start(raw, message):
+    config = apply_overrides(base_config(), [("pseudo.baselines", raw)])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_pseudo_box_convention_follows_the_official_code_on_voc():
+    assert load_config(CONFIGS / "voc/stage2.py").pseudo.box_convention == "official"
+    for name in ("coco_subset/stage2.py", "demo/stage2.py"):  # boxes that are not VOC XML values
+        assert load_config(CONFIGS / name).pseudo.box_convention == "pixels"
+    config = apply_overrides(base_config(), [("pseudo.box_convention", "pixel")])
+    with pytest.raises(ConfigError, match=r"'pseudo.box_convention' = 'pixel': expected one of \('official', 'pixels'\)"):
+        validate_config(config)

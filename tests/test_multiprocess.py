@@ -143,7 +143,7 @@ def metrics(workdir: Path) -> list[dict]:
 
 
 def test_stage1_losses_and_labeler_match(runs):
-    from bana_jax import stage1
+    from bana_jax import artifacts
 
     single, multi, _ = runs
     a, b = metrics(single), metrics(multi)
@@ -152,7 +152,7 @@ def test_stage1_losses_and_labeler_match(runs):
         for key in ("loss", "accuracy", "fg_accuracy", "bg_accuracy"):
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, err_msg=key)
     # The exported labelers, restored by this (single) process.
-    la, lb = (jax.device_get(stage1.load_trained_labeler(w / "stage1")) for w in (single, multi))
+    la, lb = (jax.device_get(artifacts.load_model(w / "stage1", "labeler")) for w in (single, multi))
     from flax import nnx
     pa, pb = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (la, lb))
     flat_a, flat_b = jax.tree.leaves(pa), jax.tree.leaves(pb)

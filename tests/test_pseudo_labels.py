@@ -28,16 +28,21 @@ def normalize(x, axis):
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def ref_stage2(features, image_hw, boxes, labels, weight, crf, use_bg_unary=True, unseen=()):
+def ref_stage2(features, image_hw, boxes, labels, weight, crf, use_bg_unary=True, unseen=(), region=None):
+    """region: boxes whose union is the in-box region (the official BgMaskfromBoxes), default `boxes`."""
     height, width = image_hw
     f = np.einsum("yh,hwd,xw->dyx", ref_interp(features.shape[0], height), features.astype(np.float64),
                   ref_interp(features.shape[1], width))  # (D, H, W), like the official NCHW
     weight = weight.astype(np.float64)
-    ib = [[int(np.floor(v)) for v in b] for b in boxes]
-    ib = [[min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width),
-           min(max(y1, 0), height)] for x0, y0, x1, y1 in ib]
+
+    def pixel_boxes(bs):
+        ib = [[int(np.floor(v)) for v in b] for b in bs]
+        return [[min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width),
+                 min(max(y1, 0), height)] for x0, y0, x1, y1 in ib]
+
+    ib = pixel_boxes(boxes)
     bg_mask = np.ones((height, width))
-    for x0, y0, x1, y1 in ib:
+    for x0, y0, x1, y1 in pixel_boxes(boxes if region is None else region):
         bg_mask[y0:y1, x0:x1] = 0
     inside = bg_mask == 0
     nf = normalize(f, 0)
@@ -145,6 +150,27 @@ def test_matches_numpy_transcription(fast, seed):
     np.testing.assert_array_equal(out["y_crf"], ref["y_crf"])
     np.testing.assert_array_equal(out["y_ret"], ref["y_ret"])
     assert len(np.unique(out["y_ret"])) == 4 and len(np.unique(out["y_crf"])) == 4
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_region_apart_from_the_boxes_matches_transcription(fast):
+    """The official code's in-box region (BgMaskfromBoxes) is not cut from the boxes it labels with:
+    here each region box starts one pixel later, so a row and a column of every box lie outside the
+    region (there the unaries reach the CRF unnormalised) and the region is smaller than the boxes."""
+    feats, weight, boxes, labels, image = random_problem(2)
+    region = boxes + np.array([1, 1, 0, 0], np.float32)
+    crf = fake_crf_fn(2)
+    ref = ref_stage2(feats, (H, W), boxes, labels, weight, crf, region=region)
+    out = run(feats, image, boxes, labels, weight, crf, fast=fast, region_boxes=region)
+    for key in ("probs", "bg_unary", "class_unary"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(out["y_crf"], ref["y_crf"])
+    np.testing.assert_array_equal(out["y_ret"], ref["y_ret"])
+    plain = run(feats, image, boxes, labels, weight, crf, fast=fast)
+    assert not np.allclose(plain["probs"], out["probs"])  # the region matters
+    assert np.any(out["probs"].sum(0) > 1.0 + 1e-3)  # unnormalised outside the region, as the official
+    with pytest.raises(ValueError, match="region_boxes"):
+        run(feats, image, boxes, labels, weight, crf, region_boxes=region[:2])
 
 
 def test_variants_match_transcription():

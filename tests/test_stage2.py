@@ -40,6 +40,7 @@ def make_config():
     config = base_config()
     config.stage = "stage2"
     config.model.num_classes = NUM_CLASSES
+    config.pseudo.box_convention = "pixels"  # the tests below check which pixels a box covers
     return config
 
 
@@ -356,6 +357,7 @@ KILLED_RUN = textwrap.dedent("""
     config = base_config()
     config.model.num_classes = {classes} + 1
     config.pseudo.save_visualisations = False
+    config.pseudo.box_convention = "pixels"  # as make_config()
     stage2.generate_pseudo_labels(make_labeler(), Slow(), config, sys.argv[1], workers=1, progress=False, baselines=())
 """)
 

@@ -221,3 +221,32 @@ def load_vgg_init(model: nnx.Module, checkpoint, *, ignore_prefixes: Sequence[st
     load_torch_state_dict(trunk, checkpoint, ignore_prefixes=ignore_prefixes,
                           optional_prefixes=("fc6.", "fc7."), rng_seed=rng_seed)
     return model
+
+
+def official_labeler(checkpoint, *, where: str = "labeler") -> nnx.Module:
+    """The official stage-1 `Labeler` (VGG16 trunk, fc6 dilation 1, classifier without bias) of a
+    PyTorch state dict (or `.pt`/`.pth` path), as our `Labeler` in eval mode.
+
+    The widths come from the file (`backbone.conv<b>_1.weight`, `backbone.fc6.weight`,
+    `classifier.weight`), so reduced-width exports load too. Every key must match: a ValueError
+    prefixed with `where` lists the missing and unused ones (e.g. a DeepLab-ASPP file's `c1.weight`).
+    """
+    from bana_jax.models.networks import Labeler, make_backbone
+
+    sd = _read_normalised(checkpoint)
+    shape_keys = [f"backbone.conv{b}_1.weight" for b in range(1, 6)] + ["backbone.fc6.weight",
+                                                                        "classifier.weight"]
+    absent = [k for k in shape_keys if k not in sd]
+    if absent:
+        raise ValueError(f"{where}: not an official Labeler state dict: it lacks {absent} "
+                         f"(it has {len(sd)} keys {_key_preview(list(sd))})")
+    widths = tuple(int(sd[k].shape[0]) for k in shape_keys[:5])
+    fc_dim, num_classes = int(sd["backbone.fc6.weight"].shape[0]), int(sd["classifier.weight"].shape[0])
+    model = nnx.eval_shape(lambda: Labeler(make_backbone("vgg16", fc6_dilation=1, vgg_widths=widths, fc_dim=fc_dim,
+                                                         rngs=nnx.Rngs(0)), num_classes, rngs=nnx.Rngs(0)))
+    try:
+        load_torch_state_dict(model, sd)
+    except ValueError as err:
+        raise ValueError(f"{where}: not an official Labeler state dict: {err}") from None
+    model.eval()
+    return model

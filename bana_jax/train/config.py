@@ -93,7 +93,14 @@ pseudo.*  (stage 2: pseudo-label generation)
                   padded to multiples of B pixels, one compilation per bucket (features change
                   near the padding; see bana_jax/stage2.py)
   baselines       learning-free labels scored beside Y_crf / Y_ret where there is ground truth:
-                  any of 'box_fill', 'grabcut' (GrabCut costs about a second per box on a CPU)
+                  any of 'box_fill', 'grabcut' (GrabCut costs about a second per box on a CPU);
+                  () = none (default; the demo turns both on)
+  box_convention  which pixels a box covers in stage 2: 'official' (the official code's: the VOC XML
+                  values as 0-based half-open bounds after its float32 round trip, so a box loses
+                  its first row and column; bana_jax.baselines.official_half_open_boxes) |
+                  'pixels' (every pixel of the inclusive box)
+  labeler         '' or an official PyTorch Labeler state dict (.pt/.pth, official key names,
+                  e.g. from `bana export-torch`) to label with instead of pseudo.stage1_workdir
 
 crf.*  (DenseCRF; stage 2 and evaluation)
   iterations, bi_w, bi_xy_std, bi_rgb_std, pos_w, pos_xy_std
@@ -155,7 +162,7 @@ def base_config() -> ConfigDict:
         name="nal", tau=20.0, gamma=7.0, weight=0.1, detach_sigma=False))
     c.pseudo = ConfigDict(dict(
         stage1_workdir="", split="train_aug", use_u0=True, output_dir="", save_visualisations=True, image_bucket=0,
-        baselines=("box_fill", "grabcut")))
+        baselines=(), labeler="", box_convention="official"))
     c.crf = ConfigDict(dict(
         iterations=10, bi_w=4.0, bi_xy_std=55.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=3.0))
     c.eval = ConfigDict(dict(
@@ -176,6 +183,7 @@ CHOICES = {
     "optim.schedule": ("step", "poly", "constant"),
     "loss.pooling": ("bap", "gap"),
     "loss.name": ("nal", "ce_s", "ce_crf", "ce_ret", "er", "bs"),
+    "pseudo.box_convention": ("official", "pixels"),
 }
 
 
@@ -223,6 +231,23 @@ def _type_name(reference: Any) -> str:
         inner = type(reference[0]).__name__ if reference else "any"
         return f"tuple of {inner}"
     return type(reference).__name__
+
+
+PSEUDO_BASELINES = ("box_fill", "grabcut")
+
+
+def _baseline_errors(values) -> list[str]:
+    """`pseudo.baselines` problems: values that are not baseline names (with a suggestion), repeats."""
+    errors = []
+    for value in values:
+        if not isinstance(value, str) or value not in PSEUDO_BASELINES:
+            hint = _suggest(value, PSEUDO_BASELINES) if isinstance(value, str) else ""
+            errors.append(f"field 'pseudo.baselines' = {tuple(values)!r}: unknown baseline {value!r}"
+                          f"{hint} (expected any of {PSEUDO_BASELINES}; () or an empty value for none)")
+    repeated = sorted({v for v in values if isinstance(v, str) and list(values).count(v) > 1})
+    if repeated:
+        errors.append(f"field 'pseudo.baselines' = {tuple(values)!r}: {repeated} given more than once")
+    return errors
 
 
 def validate_config(config: ConfigDict) -> ConfigDict:
@@ -275,8 +300,7 @@ def validate_config(config: ConfigDict) -> ConfigDict:
     check(0 <= given["optim.momentum"] < 1, "optim.momentum", "in [0, 1)")
     check(0 <= given["model.dropout"] < 1, "model.dropout", "in [0, 1)")
     check(given["loss.roi_windows"] in (1, 2), "loss.roi_windows", "1 or 2")
-    check(set(given["pseudo.baselines"]) <= {"box_fill", "grabcut"}, "pseudo.baselines",
-          "a subset of ('box_fill', 'grabcut')")
+    errors.extend(_baseline_errors(given["pseudo.baselines"]))
     if given["data.source"] == "tfds":
         check(bool(given["data.prepared_dir"]), "data.prepared_dir",
               "the folder `bana prepare` wrote (data.source='tfds' reads it)")

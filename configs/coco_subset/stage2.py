@@ -28,6 +28,7 @@ def get_config():
     config.pseudo.split = "train"
     config.pseudo.use_u0 = True
     config.pseudo.save_visualisations = True
+    config.pseudo.box_convention = "pixels"  # COCO boxes are not VOC XML values: each box keeps all its pixels
 
     config.crf.iterations = 10
     config.crf.bi_w = 4.0

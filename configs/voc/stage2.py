@@ -29,6 +29,7 @@ def get_config():
     config.pseudo.use_u0 = True
     config.pseudo.output_dir = ""          # -> WORKDIR/pseudo_labels
     config.pseudo.save_visualisations = True
+    config.pseudo.box_convention = "official"  # the official code's box pixels (bana_jax.baselines.official_half_open_boxes)
 
     config.crf.iterations = 10
     config.crf.bi_w = 4.0
