@@ -44,7 +44,7 @@ def _builder(config, data_dir: str | Path):
 
 
 def _class_names(config, builder) -> tuple[str, ...]:
-    from bana_jax.data.common import VOC_CLASSES
+    from bana_jax.constants import VOC_CLASSES
 
     data = config.data
     if data.name == "synthetic":

@@ -172,7 +172,7 @@ def torch_stage1(config, batch: dict, steps: int, warmup: int, dtype: str) -> di
     box_labels = torch.from_numpy(batch["box_labels"][valid]).long().to(device)
     batch_of_box = torch.from_numpy(np.nonzero(valid)[0]).to(device)
     bg_mask = torch.from_numpy(batch["bg_mask"]).to(device)
-    options = stage1.loss_options(config)  # grid_size, pooling, bg_threshold, roi_output
+    options = stage1.loss_options(config)  # grid_size, pooling, gap_fallback_bg_fraction, roi_output
     bf16 = dtype == "bfloat16"
 
     def step_once():
@@ -302,7 +302,6 @@ def stage2_measurement(settings, out_dir: Path) -> dict:
     labeler = random_labeler(settings.stage1_model, num_classes)
     config = base_config()
     config.model.num_classes = num_classes
-    config.pseudo.grid_size = 1
     samples = random_samples(settings.stage2_images, settings.image, num_classes)
     names = tuple(f"class_{c}" for c in range(num_classes))
     runs = []
