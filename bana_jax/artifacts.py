@@ -119,8 +119,14 @@ def load_model(directory, kind: str | None = None) -> nnx.Module:
 
 def restore(path) -> dict:
     """The raw tree of an orbax folder, variables as nested dicts (any of the layouts)."""
+    path = Path(path).absolute()
+    # Onto this process's first device: restored as saved, the arrays would need the saving
+    # run's devices (another process count, or a mesh this process does not have).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
-        raw = checkpointer.restore(Path(path).absolute())
+        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                              checkpointer.metadata(path).item_metadata)
+        raw = checkpointer.restore(path, target)
     if "variables" in raw:
         return raw["variables"]
     if "params" in raw:  # stage 3 before format 1, and train checkpoints: params + model_state
