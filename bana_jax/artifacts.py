@@ -26,6 +26,7 @@ from flax import nnx
 
 from bana_jax import builders
 from bana_jax import io as bio
+from bana_jax.models.networks import path_names
 from bana_jax.models.torch_import import materialize_rng_state
 from bana_jax.train.config import base_config
 from bana_jax.train.mesh import is_main_process
@@ -141,31 +142,16 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _path_key(path) -> tuple[str, ...]:
-    """Names along a pytree path, as strings, without a Variable's `value` leaf name."""
-    names = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            names.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            names.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            names.append(key.name)
-    if names and names[-1] == "value":
-        names.pop()
-    return tuple(names)
-
-
 def fill_variables(model: nnx.Module, raw: dict, where: str) -> nnx.Module:
     """Replaces every non-RNG variable of `model` (in place) by the array of `raw` at the same
     path; the model may be abstract (`nnx.eval_shape`), its RNG state is then made concrete.
     Raises ValueError naming missing variables or a shape that differs."""
     _, _, variables = nnx.split(model, nnx.RngState, ...)
-    raw_leaves = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
+    raw_leaves = {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
     out, missing = [], []
     for path, leaf in leaves:
-        key = _path_key(path)
+        key = path_names(path)
         if key not in raw_leaves:
             missing.append("/".join(key))
             continue

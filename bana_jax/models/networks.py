@@ -247,13 +247,18 @@ def build_deeplab(config: ml_collections.ConfigDict) -> DeepLab:
 
 
 def path_names(path) -> tuple[str, ...]:
-    """Attribute/dict names along a pytree path, without the Variable's trailing `.value`."""
+    """Attribute/dict names along a pytree path, without a Variable's trailing `value` (which
+    trees restored from some saved layouts carry)."""
     names = []
     for key in path:
         if isinstance(key, jax.tree_util.DictKey):
             names.append(str(key.key))
         elif isinstance(key, jax.tree_util.SequenceKey):
             names.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            names.append(key.name)
+    if names and names[-1] == "value":
+        names.pop()
     return tuple(names)
 
 
