@@ -219,7 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bana {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (DataError, OSError, FloatingPointError) as err:  # bad files, disks, a diverged loss
-        logging.getLogger("bana_jax").debug("stopped", exc_info=True)
         print(f"bana {args.command}: error: {err}", file=sys.stderr)
         return 1
     return int(result) if isinstance(result, int) else 0
