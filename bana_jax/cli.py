@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     import jax
-    # The partitionable threefry lowering compiles ~6x slower on the CPU (seconds per random op);
+    # The partitionable threefry lowering compiles far slower on the CPU (seconds per random op);
     # the classic one is just as independent of the sharding, so results do not change with it.
     jax.config.update("jax_threefry_partitionable", False)
     from bana_jax.train.mesh import maybe_initialize_distributed

@@ -1,11 +1,10 @@
 // Large buffers kept mapped between calls. A fresh anonymous mapping costs a page fault per 4 KiB
-// page on first touch, and on a virtual machine those faults took ~10% of a dense_crf call
-// (64 MB of new pages per call at 500x375); buffers handed back here are reused by the next
-// call instead. The pool's resident memory (cached and in use) never exceeds the most it ever
-// had in use at once during the first call, and 5/4 of that afterwards: with no slack, the next
-// call's requests, which come in a different order than the blocks were freed, found no fitting
-// block, and ~50 MB of buffers were unmapped and faulted in again on every call (500x375,
-// C=21). release_cached() returns the cached part.
+// page on first touch, a sizeable share of a dense_crf call on a virtual machine (bench/RESULTS.md);
+// buffers handed back here are reused by the next call instead. The pool's resident memory (cached
+// and in use) never exceeds the most it ever had in use at once during the first call, and 5/4 of
+// that afterwards: with no slack, the next call's requests, which come in a different order than
+// the blocks were freed, find no fitting block, and buffers are unmapped and faulted in again on
+// every call. release_cached() returns the cached part.
 #pragma once
 
 #include <cstddef>

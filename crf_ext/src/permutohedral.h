@@ -19,8 +19,8 @@ namespace crf {
 // Values per point and per vertex are rows of `stride` floats, stride a multiple of kBlock (the
 // SIMD width the loops are written for), or any stride in the scalar loops. Lattice values are
 // vertex-major, one whole row per vertex: the blur and the slice are bound by the latency of
-// scattered row accesses, so one access should bring all channels (blur 1.6x faster than with
-// 8-channel blocks at C = 21 on a machine with an 8 MiB L3).
+// scattered row accesses, so one access should bring all channels (bench/RESULTS.md: the blur
+// against 8-channel blocks).
 constexpr int kBlock = 4;
 
 inline int padded_channels(int channels) { return (channels + kBlock - 1) / kBlock * kBlock; }
@@ -36,7 +36,7 @@ inline PooledVector<float> padded_rows(const float* in, int n_points, int channe
 }
 
 // 8-float vectors only where the target has 256-bit registers: without AVX the compiler splits
-// them into pairs and spills them (the SSE4.2 level ran 1.8-2.5x slower at C = 21). The lanes
+// them into pairs and spills them (bench/RESULTS.md: the sse4.2 level). The lanes
 // are independent, so the width changes no result.
 #ifdef __AVX__
 constexpr int kWidestLanes = 8;
@@ -82,8 +82,8 @@ class Permutohedral {
 
   // The three steps of one filter. Each is an OpenMP work-sharing loop: call them from every
   // thread of a parallel region (or outside one, serially). Buffers come from buffer_size().
-  // The schedules are guided: the cost per vertex and per chain follows the image, and static
-  // halves left a thread idle for up to 10% of a mean-field iteration.
+  // The schedules are guided: the cost per vertex and per chain follows the image, so static
+  // halves leave a thread idle.
   // kStride is `stride` as a compile-time constant for the common sizes (0: only known at run
   // time); see with_stride().
   //
@@ -204,7 +204,7 @@ inline void prefetch_row(const float* row, int floats) {
 // reading as 0. Rows are prefetched kAhead chain elements early (the walk is latency-bound).
 template <int kStride>
 void Permutohedral::blur_axis(float* values, int stride, int axis) const {
-  constexpr int kAhead = 32;  // 5-9% faster than 16 on Zen 5 (500x375, C = 3 and 21, 2 threads)
+  constexpr int kAhead = 32;  // far enough ahead to cover a scattered row's latency (bench/RESULTS.md)
   const int s = kStride > 0 ? kStride : stride;
   // Local copies: the compiler cannot tell that the stores below leave the members alone.
   const int32_t* const vertices = chain_vertices_.data();
