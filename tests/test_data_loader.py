@@ -162,3 +162,36 @@ def test_host_block_sampler_keeps_whole_global_batches_only():
     # Loader positions j * 2 + p; process 0 reads 0, 2, 4, 6 -> logical 0, 1, 4, 5.
     assert [sampler.logical_index(i) for i in range(8)] == [0, 2, 1, 3, 4, 6, 5, 7]
     assert [sampler[i].record_key for i in (0, 2, 4, 6)] == [0, 1, 4, 5]
+
+
+# grain stores repr(data_source) in the iterator state and refuses another on restore: these are the
+# reprs checkpoints were written with, so they must not change.
+PINNED_REPRS = [
+    ([("data.name", "synthetic"), ("data.split", "train"), ("model.num_classes", "4")], {},
+     'bana_source({"annotations": "", "classes": "voc", "images": "", "max_images": 0, "name": "synthetic", '
+     '"pseudo_labels": "", "root": "", "size": 200, "split": "train", "synthetic": {"image_size": 112, '
+     '"name": "synthetic", "num_classes": 3, "num_images": 200, "synthetic_seed": 0}})'),
+    ([("data.name", "synthetic"), ("model.num_classes", "4"), ("data.synthetic_images", "6"),
+      ("data.synthetic_size", "40")], dict(split="val", pseudo_labels="/runs/pseudo", max_images=3),
+     'bana_source({"annotations": "", "classes": "voc", "images": "", "max_images": 3, "name": "synthetic", '
+     '"pseudo_labels": "/runs/pseudo", "root": "", "size": 3, "split": "val", "synthetic": {"image_size": 40, '
+     '"name": "synthetic", "num_classes": 3, "num_images": 6, "synthetic_seed": 1}})'),
+    ([("data.name", "coco_subset"), ("data.images", "ROOT/train2017"), ("data.classes", "coco"),
+      ("data.annotations", "ROOT/annotations/instances_train2017.json")], {},
+     'bana_source({"annotations": "ROOT/annotations/instances_train2017.json", "classes": "coco", '
+     '"images": "ROOT/train2017", "max_images": 0, "name": "coco_subset", "pseudo_labels": "", "root": "", '
+     '"size": 3, "split": "train_aug"})'),
+    ([("data.name", "coco"), ("data.root", "ROOT"), ("data.split", "train2017")], {},
+     'bana_source({"annotations": "", "classes": "voc", "images": "", "max_images": 0, "name": "coco", '
+     '"pseudo_labels": "", "root": "ROOT", "size": 2, "split": "train2017"})'),
+]
+
+
+@pytest.mark.parametrize("overrides, kwargs, want", PINNED_REPRS)
+def test_source_repr_is_what_checkpoints_hold(overrides, kwargs, want, coco_photos):
+    from bana_jax import builders
+    from bana_jax.train.config import apply_overrides, base_config
+
+    root = str(coco_photos / "coco_mini")
+    config = apply_overrides(base_config(), [(k, v.replace("ROOT", root)) for k, v in overrides])
+    assert repr(builders.data_source(config, **kwargs)) == want.replace("ROOT", root)
