@@ -9,10 +9,7 @@ from pathlib import Path
 import jax
 
 from bana_jax.constants import VOC_CLASSES
-from bana_jax.data import loader, sampling
-
-# The synthetic dataset's two splits are two seeds of the same generator.
-SYNTHETIC_SEEDS = {"train": 0, "val": 1}
+from bana_jax.data import loader, sampling, transforms
 
 LABELER_BACKBONES = {"vgg16_labeler": "vgg16", "vgg_tiny": "tiny", "efficientnet_lite0_labeler": "efficientnet_lite0"}
 DEEPLAB_ARCHS = {"deeplab_v1": "v1", "deeplab_v2": "v2", "vgg_tiny": "tiny", "efficientnet_lite0": "efficientnet_lite0"}
@@ -59,9 +56,49 @@ class _NamedSource:
         return self.description
 
 
+def synthetic_settings(config, split: str):
+    """The generator settings (`synthetic.SyntheticConfig`) of `split` of the synthetic data."""
+    from bana_jax.data.synthetic import SPLIT_SEEDS, SyntheticConfig
+
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"synthetic data has splits {sorted(SPLIT_SEEDS)}, got split={split!r}")
+    return SyntheticConfig(num_images=config.data.synthetic_images or 200,
+                           image_size=config.data.synthetic_size or 112,
+                           num_classes=synthetic_classes(config), seed=SPLIT_SEEDS[split])
+
+
+def _reader(config, split: str):
+    """The reader of all of `split` that data.source and data.name select (raw samples)."""
+    data = config.data
+    if data.source == "tfds":  # the records `bana prepare` wrote: the same samples, same order
+        from bana_jax import prepare
+
+        return prepare.prepared_source(config, split)
+    if data.name == "synthetic":
+        from bana_jax.data.synthetic import SyntheticSource
+
+        return SyntheticSource(synthetic_settings(config, split))
+    if data.name == "voc":
+        from bana_jax.data.voc import VocSource
+
+        return VocSource(data.root, split=split, skip_bad=data.skip_bad, convert_modes=data.convert_modes)
+    if data.name not in ("coco", "coco_subset"):
+        raise ValueError(f"unknown data.name {data.name!r}")
+    from bana_jax.data.coco import CocoSource
+
+    options = dict(classes=data.classes, skip_bad=data.skip_bad, convert_modes=data.convert_modes)
+    if data.name == "coco":
+        return CocoSource(data.root, split=split, **options)
+    if not data.images or not data.annotations:
+        raise ValueError("data.name='coco_subset' needs --config.data.images=DIR and "
+                         "--config.data.annotations=FILE")
+    return CocoSource(Path(data.images).parent, image_dir=data.images, annotation_file=data.annotations, **options)
+
+
 def data_source(config, split: str | None = None, *, pseudo_labels: str | Path | None = None,
                 max_images: int | None = None):
-    """Random-access source of raw samples (the layout of `data/common.py`) for `split` (default data.split).
+    """Random-access source of raw samples (the layout of `data/common.py`) for `split` (default
+    data.split): the one place data sources are made from a config.
 
     `pseudo_labels`: a stage-2 output folder; samples then also carry `y_crf` and `y_ret`.
     `max_images`: keep the first N records (0 = all); None = `data.max_images` (a training
@@ -69,35 +106,7 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
     """
     data = config.data
     split = split or data.split
-    if data.source == "tfds":  # the records `bana prepare` wrote: the same samples, same order
-        from bana_jax import prepare
-
-        source = prepare.prepared_source(config, split)
-    elif data.name == "synthetic":
-        if split not in SYNTHETIC_SEEDS:
-            raise ValueError(f"synthetic data has splits {sorted(SYNTHETIC_SEEDS)}, got split={split!r}")
-        spec = dict(name="synthetic", num_images=data.synthetic_images or 200,
-                    image_size=data.synthetic_size or 112, num_classes=synthetic_classes(config),
-                    synthetic_seed=SYNTHETIC_SEEDS[split])
-        source = loader.make_source(spec)
-    elif data.name == "voc":
-        source = loader.make_source(dict(name="voc", root=data.root, split=split, skip_bad=data.skip_bad,
-                                         convert_modes=data.convert_modes))
-    elif data.name == "coco":
-        source = loader.make_source(dict(name="coco", root=data.root, split=split, skip_bad=data.skip_bad,
-                                         convert_modes=data.convert_modes,
-                                         category_set="voc20" if data.classes == "voc" else "all80"))
-    elif data.name == "coco_subset":
-        from bana_jax.data.coco import CocoSource
-
-        if not data.images or not data.annotations:
-            raise ValueError("data.name='coco_subset' needs --config.data.images=DIR and "
-                             "--config.data.annotations=FILE")
-        source = CocoSource(Path(data.images).parent, image_dir=data.images, annotation_file=data.annotations,
-                            category_set="voc20" if data.classes == "voc" else "all80", skip_bad=data.skip_bad,
-                            convert_modes=data.convert_modes)
-    else:
-        raise ValueError(f"unknown data.name {data.name!r}")
+    source = _reader(config, split)
     max_images = data.max_images if max_images is None else max_images
     if max_images:
         source = _Subset(source, max_images)
@@ -110,7 +119,11 @@ def data_source(config, split: str | None = None, *, pseudo_labels: str | Path |
     if data.source == "tfds":
         description.update(source="tfds", prepared_dir=data.prepared_dir)
     elif data.name == "synthetic":
-        description.update(synthetic=spec)
+        # Spelt as an older data config spelt them: checkpoints hold this repr.
+        settings = synthetic_settings(config, split)
+        description.update(synthetic=dict(name="synthetic", num_images=settings.num_images,
+                                          image_size=settings.image_size, num_classes=settings.num_classes,
+                                          synthetic_seed=settings.seed))
     return _NamedSource(source, f"bana_source({json.dumps(description, sort_keys=True)})")
 
 
@@ -168,11 +181,11 @@ def training_batches(config, source=None):
     sampler = None
     if data.class_balanced:
         sampler = sampling.ClassBalancedSampler(sampling.image_classes(source), config.train.seed)
+    aug = transforms.AugmentConfig(crop_size=data.crop_size, scale_range=tuple(data.scale_range),
+                                   flip_prob=0.5 if data.flip else 0.0, jitter=hi - 1)
     return _JsonStateIterator(iter(loader.make_train_loader(
-        source, batch_size=data.batch_size // jax.process_count(), crop_size=data.crop_size,
-        max_boxes=data.max_boxes, seed=config.train.seed, worker_count=data.num_workers, sampler=sampler,
-        aug=loader.transforms.AugmentConfig(crop_size=data.crop_size, scale_range=tuple(data.scale_range),
-                                            flip_prob=0.5 if data.flip else 0.0, jitter=hi - 1))))
+        source, aug=aug, batch_size=data.batch_size // jax.process_count(), max_boxes=data.max_boxes,
+        seed=config.train.seed, num_workers=data.num_workers, sampler=sampler)))
 
 
 def build_labeler(config):

@@ -18,13 +18,13 @@ from bana_jax import io
 from bana_jax.data.coco import COCO_TO_VOC
 
 
-def category_of_class(categories: list[dict], category_set: str) -> dict[int, int]:
+def category_of_class(categories: list[dict], classes: str) -> dict[int, int]:
     """Class id (1..L) -> COCO category id, the inverse of the map the data source used."""
-    if category_set == "voc20":
+    if classes == "voc":
         return {voc: coco for coco, voc in COCO_TO_VOC.items()}
-    if category_set == "all80":
+    if classes == "coco":
         return {i + 1: cid for i, cid in enumerate(sorted(c["id"] for c in categories))}
-    raise ValueError(f"category_set must be 'voc20' or 'all80', got {category_set!r}")
+    raise ValueError(f"classes must be 'voc' or 'coco', got {classes!r}")
 
 
 def instance_mask(labels: np.ndarray, box_xywh, class_id: int) -> np.ndarray:
@@ -39,12 +39,12 @@ def instance_mask(labels: np.ndarray, box_xywh, class_id: int) -> np.ndarray:
     return mask
 
 
-def export_instances(annotation_file, label_dir, out_file, *, category_set: str = "voc20") -> dict:
+def export_instances(annotation_file, label_dir, out_file, *, classes: str = "voc") -> dict:
     """Writes `out_file`: the annotation file's images and categories with one RLE instance per
     labelled box, for every image that has `label_dir/<file stem>.png`. Returns counts."""
     with open(annotation_file) as f:
         coco = json.load(f)
-    to_category = category_of_class(coco["categories"], category_set)
+    to_category = category_of_class(coco["categories"], classes)
     to_class = {cat: cls for cls, cat in to_category.items()}
     label_dir = Path(label_dir)
     images, annotations = [], []

@@ -34,12 +34,13 @@ def _builder(config, data_dir: str | Path):
     if data.name == "voc":
         return tfds_builders.VocSbd(data_dir=str(data_dir))
     if data.name == "coco":
-        return tfds_builders.CocoBoxes(data_dir=str(data_dir), config="voc20" if data.classes == "voc" else "all80")
+        return tfds_builders.CocoBoxes(data_dir=str(data_dir), config=tfds_builders.COCO_CONFIGS[data.classes])
     if data.name == "synthetic":
-        from bana_jax.builders import synthetic_classes
+        from bana_jax.builders import synthetic_settings
 
+        s = synthetic_settings(config, "train")  # the val split's differ in the seed only
         return tfds_builders.SyntheticBoxes(data_dir=str(data_dir), config=tfds_builders.synthetic_builder_config(
-            data.synthetic_images or 200, data.synthetic_size or 112, synthetic_classes(config)))
+            s.num_images, s.image_size, s.num_classes))
     raise ValueError(f"data.name={data.name!r} has no prepared records; 'voc', 'coco' and 'synthetic' do")
 
 

@@ -612,7 +612,7 @@ def main(config, workdir) -> dict:
         annotations = (config.data.annotations if config.data.name == "coco_subset" else
                        Path(config.data.root) / "annotations" / f"instances_{config.pseudo.split}.json")
         counts = coco_export.export_instances(annotations, out_dir / "Y_crf", out_dir / "instances_y_crf.json",
-                                              category_set="voc20" if config.data.classes == "voc" else "all80")
+                                              classes=config.data.classes)
         log.info("wrote %s: %d instances in %d images", out_dir / "instances_y_crf.json",
                     counts["instances"], counts["images"])
     return summary

@@ -104,7 +104,7 @@ def main():
     parser.add_argument("--skip-direct", action="store_true", help="time only our runner")
     args = parser.parse_args()
 
-    source = CocoSource(COCO128, category_set="voc20")
+    source = CocoSource(COCO128, classes="voc")
     samples = [source[i] for i in range(args.images)]
     labeler = random_labeler()
     config = base_config()

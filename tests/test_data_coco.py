@@ -18,7 +18,7 @@ def _json(root):
 
 
 def test_voc20_boxes_and_ids_match_the_json(coco128):
-    src = coco.CocoSource(coco128, category_set="voc20", with_label=False)
+    src = coco.CocoSource(coco128, classes="voc", with_label=False)
     data = _json(coco128)
     want_ids = sorted({a["image_id"] for a in data["annotations"]
                        if not a["iscrowd"] and a["category_id"] in coco.COCO_TO_VOC})
@@ -39,7 +39,7 @@ def test_voc20_boxes_and_ids_match_the_json(coco128):
 def test_semantic_label_crowd_and_non_voc_are_ignored(coco128):
     from pycocotools.coco import COCO
 
-    src = coco.CocoSource(coco128, category_set="voc20", require_boxes=False)
+    src = coco.CocoSource(coco128, classes="voc", require_boxes=False)
     api = COCO(str(coco128 / "annotations" / "instances_train2017.json"))
     crowd_img = next(a["image_id"] for a in api.dataset["annotations"] if a["iscrowd"])
     s = src[src.ids.index(crowd_img)]
@@ -72,12 +72,12 @@ def test_semantic_label_crowd_and_non_voc_are_ignored(coco128):
 
 
 def test_all80_and_coco_mini(coco_photos):
-    src = coco.CocoSource(coco_photos / "coco_mini", category_set="all80")
+    src = coco.CocoSource(coco_photos / "coco_mini", classes="coco")
     assert len(src.class_names) == 81 and src.class_names[1] == "person"
     labels = np.concatenate([src[i]["box_labels"] for i in range(len(src))])
     assert labels.min() >= 1 and labels.max() <= 80
     data = _json(coco_photos / "coco_mini")
     assert len(labels) == sum(1 for a in data["annotations"] if not a["iscrowd"]) - \
         src.stats.dropped_empty - src.stats.dropped_outside
-    with pytest.raises(ValueError, match="category_set"):
-        coco.CocoSource(coco_photos / "coco_mini", category_set="voc")
+    with pytest.raises(ValueError, match="classes"):
+        coco.CocoSource(coco_photos / "coco_mini", classes="voc20")

@@ -428,7 +428,7 @@ def test_coco_without_usable_boxes_or_images_is_a_clear_error(coco_root, caplog)
         coco.CocoSource(coco_root)
     assert [r.levelname for r in caplog.records if "boxes: kept" in r.getMessage()] == ["WARNING"]
     for images, annotations, why in (([], [], "0 image entries"),
-                                     (data["images"], [], "2 image entries, none with a box of the voc20 classes")):
+                                     (data["images"], [], "2 image entries, none with a box of the voc classes")):
         _write_coco(coco_root, dict(data, images=images, annotations=annotations))
         with pytest.raises(common.DataError, match=r"instances_train2017\.json: no usable image: " + why):
             coco.CocoSource(coco_root)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from bana_jax import builders, cli
 from bana_jax.data import loader
+from bana_jax.data.transforms import AugmentConfig
 from bana_jax.train.config import ConfigError, apply_overrides, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,10 +64,10 @@ def test_training_batches_match_and_hosts_split_them(synthetic_prepared):
             np.testing.assert_array_equal(b[key], a[key], err_msg=key)
     # Two hosts on the prepared records: each reads its own rows, stacked they are one host's batch.
     source_files, source_records = builders.data_source(files), builders.data_source(records)
-    whole = iter(loader.make_train_loader(source_files, batch_size=4, crop_size=32, max_boxes=4, seed=0,
-                                          shard_index=0, shard_count=1))
-    hosts = [iter(loader.make_train_loader(source_records, batch_size=2, crop_size=32, max_boxes=4, seed=0,
-                                           shard_index=p, shard_count=2)) for p in (0, 1)]
+    options = dict(aug=AugmentConfig(crop_size=32), max_boxes=4, seed=0)
+    whole = iter(loader.make_train_loader(source_files, batch_size=4, shard_index=0, shard_count=1, **options))
+    hosts = [iter(loader.make_train_loader(source_records, batch_size=2, shard_index=p, shard_count=2, **options))
+             for p in (0, 1)]
     for _ in range(2):
         batch, parts = next(whole), [next(h) for h in hosts]
         for key in batch:

@@ -1,6 +1,6 @@
 """MS-COCO from an instances json: boxes, crowd handling, per-image semantic ground truth.
 
-Category sets: "all80" (COCO categories in ascending id order -> 1..80) or "voc20" (the 20 VOC
+Classes (data.classes): "coco" (COCO categories in ascending id order -> 1..80) or "voc" (the 20 VOC
 classes, `COCO_TO_VOC`; objects of other categories get no box and are 255 in the label map).
 Crowd annotations never give a box and are 255 in the label map.
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # COCO category id -> VOC class index (the 20 VOC classes are COCO categories of the same names).
 COCO_TO_VOC = {5: 1, 2: 2, 16: 3, 9: 4, 44: 5, 6: 6, 3: 7, 17: 8, 62: 9, 21: 10, 67: 11, 18: 12,
                19: 13, 4: 14, 1: 15, 64: 16, 20: 17, 63: 18, 7: 19, 72: 20}
-CATEGORY_SETS = ("voc20", "all80")
+CLASS_SETS = ("voc", "coco")
 
 
 def _load_json(path) -> dict:
@@ -152,7 +152,7 @@ class CocoSource:
     """Random-access COCO samples (raw sample dicts, see common.py).
 
     root/annotations/instances_{split}.json and root/{split}/<file_name>.
-    require_boxes: keep only images with at least one box of the category set (training).
+    require_boxes: keep only images with at least one box of `classes` (training).
     with_label: rasterise the semantic ground truth `label` (uint8, 255 = ignore).
     skip_bad: skip bad json entries (dropping their image) and unreadable images, logged,
     instead of raising.
@@ -160,11 +160,11 @@ class CocoSource:
     those of this process's loads (common.py, "Bad input").
     """
 
-    def __init__(self, root, split: str = "train2017", category_set: str = "voc20",
+    def __init__(self, root, split: str = "train2017", classes: str = "voc",
                  require_boxes: bool = True, with_label: bool = True, skip_bad: bool = False,
                  convert_modes: bool = False, annotation_file=None, image_dir=None):
-        if category_set not in CATEGORY_SETS:
-            raise ValueError(f"category_set must be one of {CATEGORY_SETS}, got {category_set!r}")
+        if classes not in CLASS_SETS:
+            raise ValueError(f"classes must be one of {CLASS_SETS}, got {classes!r}")
         self.root = os.fspath(root)
         self.annotation_file = os.fspath(annotation_file or os.path.join(
             self.root, "annotations", f"instances_{split}.json"))
@@ -176,7 +176,7 @@ class CocoSource:
             raise DataError(self.image_dir, f"no such folder (the images of {self.annotation_file})")
         names = _categories(data, self.annotation_file)
         cats = sorted(names)
-        if category_set == "voc20":
+        if classes == "voc":
             self.category_map = dict(COCO_TO_VOC)
             self.class_names = VOC_CLASSES
         else:
@@ -188,7 +188,7 @@ class CocoSource:
             ids = [i for i in ids if any(self._is_box(a) for a in self.anns[i])]
         if not ids:
             raise DataError(self.annotation_file, f"no usable image: {len(self.images)} image entries"
-                            + (f", none with a box of the {category_set} classes" if require_boxes else ""))
+                            + (f", none with a box of the {classes} classes" if require_boxes else ""))
         self.ids = ids
         self._audit_boxes()
         self.audit.log_summary(f"COCO {self.annotation_file} ({len(self.ids)} images):")

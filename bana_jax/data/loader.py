@@ -1,9 +1,9 @@
 """Training-batch loading with grain: worker processes, prefetch, per-host sharding, checkpointable
-position, epoch-wise shuffling from a seed.
+position, epoch-wise shuffling from a seed (`builders.training_batches` sets it up from a config).
 
-    source = make_source(config.data)                  # synthetic / voc / coco
-    loader = make_train_loader(source, config.data)    # grain.DataLoader
-    it = iter(loader)                                  # batches: see batching.py
+    source = builders.data_source(config)      # synthetic / voc / coco / prepared records
+    loader = make_train_loader(source, aug=transforms.AugmentConfig(), batch_size=8, max_boxes=16)
+    it = iter(loader)                          # batches: see batching.py
     state = it.get_state(); ...; it2 = iter(loader); it2.set_state(state)   # resume
 
 Randomness: the sampler shuffles the index with `seed` anew each epoch; each record's augmentation
@@ -60,44 +60,6 @@ class TrainTransform(grain.RandomMapTransform):
                                   self.max_boxes)
 
 
-def _get(cfg, name, default):
-    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-
-
-def make_source(cfg):
-    """A random-access source from a data config (ConfigDict, dict or object with attributes).
-
-    Fields: `name` ("synthetic" | "voc" | "coco"); synthetic: `num_images`, `image_size`,
-    `num_classes`, `synthetic_seed`; voc/coco: `root`, `split`, `skip_bad`, `convert_modes`;
-    coco: `category_set`;
-    optional `pseudo_label_dirs` ({"y_crf": dir, "y_ret": dir}) for stage 3.
-    """
-    name = _get(cfg, "name", "synthetic")
-    if name == "synthetic":
-        from bana_jax.data.synthetic import SyntheticConfig, SyntheticSource
-
-        source = SyntheticSource(SyntheticConfig(
-            num_images=_get(cfg, "num_images", 200), image_size=_get(cfg, "image_size", 112),
-            num_classes=_get(cfg, "num_classes", 4), seed=_get(cfg, "synthetic_seed", 0)))
-    elif name == "voc":
-        from bana_jax.data.voc import VocSource
-
-        source = VocSource(_get(cfg, "root", None), split=_get(cfg, "split", "train_aug"),
-                           skip_bad=_get(cfg, "skip_bad", False),
-                           convert_modes=_get(cfg, "convert_modes", False))
-    elif name == "coco":
-        from bana_jax.data.coco import CocoSource
-
-        source = CocoSource(_get(cfg, "root", None), split=_get(cfg, "split", "train2017"),
-                            category_set=_get(cfg, "category_set", "voc20"),
-                            skip_bad=_get(cfg, "skip_bad", False),
-                           convert_modes=_get(cfg, "convert_modes", False))
-    else:
-        raise ValueError(f"data.name must be 'synthetic', 'voc' or 'coco', got {name!r}")
-    pseudo = _get(cfg, "pseudo_label_dirs", None)
-    return WithPixelMaps(source, dict(pseudo)) if pseudo else source
-
-
 def _shard(shard_index, shard_count) -> grain.ShardOptions:
     if shard_index is None or shard_count is None:
         import jax
@@ -150,34 +112,19 @@ class HostBlockSampler:
         return grain.RecordMetadata(index=index, record_key=inner.record_key, rng=inner.rng)
 
 
-def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
-                      crop_size: int | None = None, max_boxes: int | None = None,
-                      seed: int | None = None, num_epochs: int | None = None,
-                      worker_count: int | None = None, prefetch: int | None = None,
-                      shard_index: int | None = None, shard_count: int | None = None,
-                      aug: transforms.AugmentConfig | None = None, sampler=None) -> grain.DataLoader:
+def make_train_loader(source, *, aug: transforms.AugmentConfig, batch_size: int, max_boxes: int,
+                      seed: int = 0, num_epochs: int | None = None, num_workers: int = 0,
+                      prefetch: int = 2, shard_index: int | None = None, shard_count: int | None = None,
+                      sampler=None) -> grain.DataLoader:
     """A grain DataLoader of training batches (batching.py layout), `batch_size` per host.
 
-    Keyword arguments override the config fields of the same name (`batch_size`, `crop_size`,
-    `max_boxes`, `seed`, `num_epochs` (None = forever), `worker_count`, `prefetch` (batches each
-    worker buffers), `scale_range`, `flip_prob`, `jitter`). Sharding defaults to
-    jax.process_index() / jax.process_count(); each host sees a disjoint part of every epoch.
-    `sampler`: another grain sampler (e.g. `sampling.ClassBalancedSampler`) instead of the
-    epoch-wise shuffle; it is endless, so `num_epochs` does not apply.
+    `aug`: each record's augmentation (its crop_size is the batch's image size); `num_epochs`:
+    None = forever; `num_workers`: worker processes (0 = read in this process); `prefetch`: batches
+    each worker buffers. Sharding defaults to jax.process_index() / jax.process_count(); each host
+    sees a disjoint part of every epoch. `sampler`: another grain sampler (e.g.
+    `sampling.ClassBalancedSampler`) instead of the epoch-wise shuffle; it is endless, so
+    `num_epochs` does not apply.
     """
-    cfg = cfg if cfg is not None else {}
-    pick = lambda v, name, default: v if v is not None else _get(cfg, name, default)  # noqa: E731
-    batch_size = pick(batch_size, "batch_size", 8)
-    crop_size = pick(crop_size, "crop_size", 321)
-    max_boxes = pick(max_boxes, "max_boxes", 16)
-    seed = pick(seed, "seed", 0)
-    num_epochs = pick(num_epochs, "num_epochs", None)
-    worker_count = pick(worker_count, "worker_count", 0)
-    prefetch = pick(prefetch, "prefetch", 2)
-    if aug is None:
-        aug = transforms.AugmentConfig(
-            crop_size=crop_size, scale_range=tuple(_get(cfg, "scale_range", (0.5, 1.5))),
-            flip_prob=_get(cfg, "flip_prob", 0.5), jitter=_get(cfg, "jitter", 0.5))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shard_options = _shard(shard_index, shard_count)
@@ -191,7 +138,7 @@ def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
             shard_options=shard_options if shard_options.shard_count == 1 else grain.NoSharding())
     if shard_options.shard_count > 1:
         sampler = HostBlockSampler(sampler, batch_size, shard_options.shard_count)
-    if worker_count:
+    if num_workers:
         # grain's worker processes read absl flags; a program that never parsed them (pytest, a
         # notebook) would fail with UnparsedFlagAccessError.
         from absl import flags
@@ -202,11 +149,7 @@ def make_train_loader(source, cfg=None, *, batch_size: int | None = None,
                   grain.Batch(batch_size, drop_remainder=True, batch_fn=batching.collate)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             shard_options=shard_options,
-                            worker_count=worker_count, worker_buffer_size=prefetch,
-                            read_options=grain.ReadOptions(num_threads=1 if worker_count else 2,
+                            worker_count=num_workers, worker_buffer_size=prefetch,
+                            read_options=grain.ReadOptions(num_threads=1 if num_workers else 2,
                                                            prefetch_buffer_size=4 * batch_size))
 
-
-def train_batches(cfg):
-    """An iterator of training batches for a data config (make_source + make_train_loader)."""
-    return iter(make_train_loader(make_source(cfg), cfg))

@@ -29,6 +29,8 @@ CLASS_COLOURS = np.array([
     [30, 210, 220],   # cyan
 ], np.float32)
 MAX_CLASSES = len(SHAPES)
+# The two splits are two seeds of the same generator.
+SPLIT_SEEDS = {"train": 0, "val": 1}
 
 
 @dataclasses.dataclass(frozen=True)

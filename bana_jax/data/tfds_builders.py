@@ -73,12 +73,16 @@ class VocSbd(tfds.core.GeneratorBasedBuilder):
                                                               f"{sample['id']}.jpg"))
 
 
+# data.classes -> the CocoBoxes config (the name of the records' folder).
+COCO_CONFIGS = {"voc": "voc20", "coco": "all80"}
+
+
 class CocoBoxes(tfds.core.GeneratorBasedBuilder):
-    """MS-COCO 2017 boxes and semantic labels (category set from the config name) from
+    """MS-COCO 2017 boxes and semantic labels (classes from the config name, `COCO_CONFIGS`) from
     manual_dir (annotations/instances_<split>.json and <split>/)."""
 
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="voc20"), tfds.core.BuilderConfig(name="all80")]
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in COCO_CONFIGS.values()]
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Place COCO 2017 (annotations/, train2017/, val2017/) in manual_dir."
     SPLITS = ("train2017", "val2017")
 
@@ -94,14 +98,17 @@ class CocoBoxes(tfds.core.GeneratorBasedBuilder):
         splits = [s for s in self.SPLITS
                   if os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json"))]
         if splits:  # the names of the class ids, kept with the records (metadata.json)
-            names = CocoSource(root, split=splits[0], category_set=self.builder_config.name).class_names
+            names = CocoSource(root, split=splits[0], classes=self._classes()).class_names
             self.info.metadata["class_names"] = list(names)
         return {s: self._generate_examples(root, s) for s in splits}
+
+    def _classes(self) -> str:
+        return {name: classes for classes, name in COCO_CONFIGS.items()}[self.builder_config.name]
 
     def _generate_examples(self, root, split):
         from bana_jax.data.coco import CocoSource
 
-        source = CocoSource(root, split=split, category_set=self.builder_config.name)
+        source = CocoSource(root, split=split, classes=self._classes())
         for i in range(len(source)):
             sample = source[i]
             info = source.images[source.ids[i]]
@@ -128,15 +135,16 @@ class SyntheticBoxes(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [synthetic_builder_config(200, 112, 4)]
-    SEEDS = {"train": 0, "val": 1}
 
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=_features(), disable_shuffling=True,
                                      description="bana_jax synthetic box-supervision scenes.")
 
     def _split_generators(self, dl_manager):
+        from bana_jax.data.synthetic import SPLIT_SEEDS
+
         del dl_manager  # generated, nothing to read
-        return {split: self._generate_examples(seed) for split, seed in self.SEEDS.items()}
+        return {split: self._generate_examples(seed) for split, seed in SPLIT_SEEDS.items()}
 
     def _generate_examples(self, seed):
         from PIL import Image
