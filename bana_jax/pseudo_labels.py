@@ -10,8 +10,8 @@ features `F = R_y f R_x^T` is one of three things, and each is exact at feature 
   Gram matrix of those four features (five inner-product maps on the grid);
 - the sum of `F` over a pixel mask `M`: `sum_p M(p) F(p) = sum_ij (R_y^T M R_x)_ij f_ij`.
 
-`fast=True` uses these; `fast=False` (the `*_direct` functions) materialises `F` like the official
-code and is the reference they are tested against. The math after these primitives is shared.
+`fast=True` uses these; `fast=False` materialises `F` like the official code and is the reference
+they are tested against. The math after these primitives is shared.
 
 Bucketing: the geometry (interpolation weights, valid extents) is passed as arrays, not shapes, so
 an image and its feature map can be zero-padded to a bucket size `(Hb, Wb)` / `(hb, wb)` and one
@@ -433,9 +433,6 @@ def stage2_unaries(features, geom: Geometry, prepared: PreparedBoxes, *, use_bg_
                         use_bg_unary=use_bg_unary, fast=fast)
 
 
-stage2_unaries_direct = functools.partial(stage2_unaries, fast=False)
-
-
 # ------------------------------------------------------------------------------------------------
 # Y_crf (host) and Y_ret (device)
 # ------------------------------------------------------------------------------------------------
@@ -515,9 +512,6 @@ def retrieval(features, geom: Geometry, crf_map, prepared: PreparedBoxes, *, fas
                           *box_args, fast=fast)
 
 
-retrieval_direct = functools.partial(retrieval, fast=False)
-
-
 # ------------------------------------------------------------------------------------------------
 # One image, end to end
 # ------------------------------------------------------------------------------------------------
@@ -528,10 +522,7 @@ def _pad_to(array, shape, value=0):
     return np.pad(array, pads + [(0, 0)] * (array.ndim - len(shape)), constant_values=value)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_geometry(feature_hw, image_hw, padded_feature_hw, padded_image_hw) -> Geometry:
-    return make_geometry(feature_hw, image_hw, padded_feature_hw=padded_feature_hw,
-                         padded_image_hw=padded_image_hw)
+_cached_geometry = functools.lru_cache(maxsize=256)(make_geometry)  # the same few sizes, image after image
 
 
 class ImageUnaries(NamedTuple):
@@ -569,11 +560,9 @@ def image_unaries(features, image_hw, boxes, box_labels, classifier_weight, *, f
     zero-padded to a bucket size; image_hw `(H, W)`; the rest as in `pseudo_labels`.
     """
     features = jnp.asarray(features, jnp.float32)
-    if features.ndim != 3:
-        raise ValueError(f"features must be (h, w, D), got shape {features.shape}")
     feature_hw = features.shape[:2] if feature_hw is None else feature_hw
-    geom = _cached_geometry(tuple(feature_hw), tuple(image_hw), features.shape[:2],
-                            None if image_bucket is None else tuple(image_bucket))
+    geom = _cached_geometry(tuple(feature_hw), tuple(image_hw), padded_feature_hw=features.shape[:2],
+                            padded_image_hw=None if image_bucket is None else tuple(image_bucket))
     prepared = prepare_boxes(boxes, box_labels, image_hw, classifier_weight, unseen_classes=unseen_classes,
                              max_boxes=max_boxes, max_classes=max_classes, region_boxes=region_boxes)
     unaries = stage2_unaries(features, geom, prepared, use_bg_unary=use_bg_unary, fast=fast)
@@ -615,8 +604,6 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
     """
     features = np.asarray(features, np.float32)
     image = np.asarray(image)
-    if features.ndim != 3:
-        raise ValueError(f"features must be (h, w, D), got shape {features.shape}")
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     feature_hw = features.shape[:2]
@@ -630,6 +617,3 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
     y_crf, y_ret = labels_from_refined(unaries, crf(image, unaries.probs), fast=fast)
     return {"y_crf": y_crf, "y_ret": y_ret, "probs": unaries.probs, "bg_unary": unaries.bg_unary(),
             "class_unary": unaries.class_unary(), "classes": unaries.prepared.classes}
-
-
-pseudo_labels_direct = functools.partial(pseudo_labels, fast=False)

@@ -84,6 +84,7 @@ MIN_BOXES, MIN_CLASSES = 8, 4
 COCO_CLASSES = 81  # the 80 COCO categories + background (data.classes = 'coco')
 BASELINES = ("box_fill", "grabcut")
 METHODS = ("y_crf", "y_ret", "agreement") + BASELINES
+_FOLDERS = {"y_crf": "Y_crf", "y_ret": "Y_ret", "grabcut": "baselines/grabcut"}  # labels by kind, under OUT
 
 
 def _round_up(n: int, step: int) -> int:
@@ -156,46 +157,18 @@ class FeatureExtractor:
         return _crop_to_bucket(features, (h, w), bucket), (h, w)
 
 
-def _paths(out_dir: Path, image_id: str) -> dict:
-    return {"y_crf": out_dir / "Y_crf" / f"{image_id}.png", "y_ret": out_dir / "Y_ret" / f"{image_id}.png",
-            "grabcut": out_dir / "baselines" / "grabcut" / f"{image_id}.png"}
-
-
-def _is_finished(paths: dict) -> bool:
-    return paths["y_crf"].is_file() and paths["y_ret"].is_file()
-
-
 def _stale_temporaries(out_dir: Path) -> dict:
     """Temporary files a killed run left (`.NAME.png.XXXX.tmp`, see bana_jax.io), by image id.
 
     Listed once up front (not globbed per image, which would be quadratic in the split size)."""
     stale = collections.defaultdict(list)
-    for folder in (out_dir / "Y_crf", out_dir / "Y_ret", out_dir / "baselines" / "grabcut",
-                   out_dir / "visualisations"):
+    for folder in [out_dir / f for f in _FOLDERS.values()] + [out_dir / "visualisations"]:
         if folder.is_dir():
             for entry in os.scandir(folder):
                 name = entry.name
                 if name.startswith(".") and name.endswith(".tmp") and ".png." in name:
                     stale[name[1:name.rindex(".png.")]].append(Path(entry.path))
     return stale
-
-
-def _check_sample(sample: dict) -> tuple:
-    image = np.asarray(sample["image"])
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"sample {sample.get('id')!r}: image must be uint8 (H, W, 3), got "
-                         f"{image.dtype} {image.shape}")
-    boxes = np.asarray(sample["boxes"], np.float32).reshape(-1, 4)
-    labels = np.asarray(sample["box_labels"], np.int64).reshape(-1)
-    if len(boxes) != len(labels):
-        raise ValueError(f"sample {sample['id']!r}: {len(boxes)} boxes but {len(labels)} box_labels")
-    label = sample.get("label")
-    if label is not None:
-        label = np.asarray(label)
-        if label.shape != image.shape[:2]:
-            raise ValueError(f"sample {sample['id']!r}: label shape {label.shape} differs from the "
-                             f"image {image.shape[:2]}")
-    return image, boxes, labels, label
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -234,23 +207,40 @@ def _image_unaries(extractor, weight, image, boxes, box_labels, *, pseudo, unsee
 
 
 def _make_job(sample, out_dir: Path, unaries_of, visualise: bool) -> _Job:
-    """One sample of the source as a job; its unaries are computed here (device) unless it is finished."""
-    image, boxes, box_labels, label = _check_sample(sample)
+    """One sample of the source, checked, as a job; its unaries are computed here (device) unless it
+    was finished earlier."""
+    image = np.asarray(sample["image"])
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"sample {sample.get('id')!r}: image must be uint8 (H, W, 3), got "
+                         f"{image.dtype} {image.shape}")
+    boxes = np.asarray(sample["boxes"], np.float32).reshape(-1, 4)
+    labels = np.asarray(sample["box_labels"], np.int64).reshape(-1)
+    if len(boxes) != len(labels):
+        raise ValueError(f"sample {sample['id']!r}: {len(boxes)} boxes but {len(labels)} box_labels")
+    label = sample.get("label")
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"sample {sample['id']!r}: label shape {label.shape} differs from the "
+                             f"image {image.shape[:2]}")
     image_id = str(sample["id"])
-    paths = _paths(out_dir, image_id)
-    compute = not _is_finished(paths)
+    paths = {kind: out_dir / folder / f"{image_id}.png" for kind, folder in _FOLDERS.items()}
+    compute = not (paths["y_crf"].is_file() and paths["y_ret"].is_file())  # else finished earlier
     start = time.perf_counter()
-    unaries = unaries_of(image, boxes, box_labels) if compute and len(boxes) else None
-    return _Job(image_id, image, boxes, box_labels, label, paths, compute, compute and visualise, unaries,
+    unaries = unaries_of(image, boxes, labels) if compute and len(boxes) else None
+    return _Job(image_id, image, boxes, labels, label, paths, compute, compute and visualise, unaries,
                 time.perf_counter() - start)
 
 
 def _label_image(job: _Job, crf_params: dict, vis_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """CPU side of one image to label (a worker thread): CRF, Y_crf, Y_ret, their PNGs, its panel.
+    """CPU side of one image (a worker thread): CRF, Y_crf, Y_ret, their PNGs and its panel, or its
+    PNGs read back when it was finished earlier.
 
-    Returns uint8 `y_crf`, `y_ret` `(H, W)` and the seconds of its "crf", "retrieval" and "device"
-    work (none without boxes).
+    Returns uint8 `y_crf`, `y_ret` `(H, W)` and the seconds of its "crf", "retrieval" and "features"
+    (backbone, unaries and retrieval) work (none without boxes or when read back).
     """
+    if not job.compute:
+        return bio.read_label_png(job.paths["y_crf"]), bio.read_label_png(job.paths["y_ret"]), {}
     if job.unaries is None:  # no boxes: everything is background (and not timed)
         y_crf = y_ret = np.zeros(job.image.shape[:2], np.uint8)
         seconds = {}
@@ -259,7 +249,8 @@ def _label_image(job: _Job, crf_params: dict, vis_dir: Path) -> tuple[np.ndarray
         refined = crf_ext.dense_crf(job.image, job.unaries.probs, num_threads=1, **crf_params)
         crf_end = time.perf_counter()
         y_crf, y_ret = pl.labels_from_refined(job.unaries, refined)
-        seconds = dict(crf=crf_end - start, retrieval=time.perf_counter() - crf_end, device=job.device_seconds)
+        retrieval = time.perf_counter() - crf_end
+        seconds = dict(crf=crf_end - start, retrieval=retrieval, features=job.device_seconds + retrieval)
     bio.write_label_png(job.paths["y_ret"], y_ret)
     bio.write_label_png(job.paths["y_crf"], y_crf)  # last: its presence marks "finished"
     if job.visualise:
@@ -276,7 +267,7 @@ def _label_image(job: _Job, crf_params: dict, vis_dir: Path) -> tuple[np.ndarray
 
 class _Scorer:
     """Scores and timings of this host's images: per image in the workers (`score`), added up in the
-    main thread (`add`), summed over hosts at the end (`host_totals`)."""
+    main thread (`add`); `_summary` sums them over hosts."""
 
     def __init__(self, num_classes: int, baselines: Sequence[str]):
         self.num_classes, self.baselines = num_classes, tuple(baselines)
@@ -308,26 +299,18 @@ class _Scorer:
         for m, c in result.get("conf", {}).items():
             self.conf[m] += c
         self.images["scored"] += "conf" in result
-        for key in ("crf", "retrieval", "baselines"):
+        for key in ("features", "crf", "retrieval", "baselines"):
             if key in result:
                 self.seconds[key].append(result[key])
-        if "device" in result:
-            self.seconds["features"].append(result["device"] + result["retrieval"])
-
-    def host_totals(self, num_images: int) -> tuple[dict, np.ndarray]:
-        """Confusion matrices (rows = ground truth) and the counts [images, computed, skipped, scored],
-        summed over hosts (exact int64)."""
-        conf = {m: metrics.sum_across_hosts(self.conf[m]) for m in METHODS}
-        counts = metrics.sum_across_hosts(np.array(
-            [[num_images, self.images["computed"], self.images["skipped"], self.images["scored"]]], np.int64))[0]
-        return conf, counts
 
 
 def _summary(scorer: _Scorer, *, num_images: int, wall: float, timing_scope: str, extractor: FeatureExtractor,
              settings: dict, class_names) -> dict:
-    """The summary of a run (see `generate_pseudo_labels`), summed over hosts."""
-    conf, counts = scorer.host_totals(num_images)
+    """The summary of a run (see `generate_pseudo_labels`): scores and counts summed over hosts."""
+    conf = {m: metrics.sum_across_hosts(scorer.conf[m]) for m in METHODS}  # exact int64
     computed, seconds = scorer.images["computed"], scorer.seconds
+    counts = metrics.sum_across_hosts(np.array(
+        [[num_images, computed, scorer.images["skipped"], scorer.images["scored"]]], np.int64))[0]
     median = lambda values: float(np.median(values)) if values else None  # noqa: E731
     mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
     methods = scorer.methods
@@ -418,8 +401,10 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                       pos_w=crf_cfg.pos_w, pos_xy_std=crf_cfg.pos_xy_std, n_iter=crf_cfg.iterations)
     workers = workers or os.cpu_count() or 1
     extractor = FeatureExtractor(labeler, image_bucket=pseudo.image_bucket)
-    weight = extractor.classifier_weight if classifier_weight is None else _check_weight(
-        classifier_weight, extractor.classifier_weight.shape[0])
+    weight = np.asarray(extractor.classifier_weight if classifier_weight is None else classifier_weight, np.float32)
+    if weight.ndim != 2 or weight.shape[0] != extractor.classifier_weight.shape[0]:
+        raise ValueError(f"classifier_weight must be (D, C) with the labeler's D = "
+                         f"{extractor.classifier_weight.shape[0]}, got shape {weight.shape}")
     unaries_of = functools.partial(_image_unaries, extractor, weight, pseudo=pseudo,
                                    unseen_classes=unseen_classes, image_step=image_step)
     visualise = bool(pseudo.save_visualisations) and num_visualisations > 0
@@ -427,10 +412,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     scorer = _Scorer(num_classes, baselines)
 
     def process(job: _Job) -> dict:  # a CPU worker
-        if job.compute:
-            y_crf, y_ret, result = _label_image(job, crf_params, vis_dir)
-        else:
-            y_crf, y_ret, result = bio.read_label_png(job.paths["y_crf"]), bio.read_label_png(job.paths["y_ret"]), {}
+        y_crf, y_ret, result = _label_image(job, crf_params, vis_dir)
         return result if job.label is None else result | scorer.score(job, y_crf, y_ret)
 
     from tqdm.auto import tqdm
@@ -475,15 +457,6 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
         if report:
             _report(summary, class_names)
     return summary
-
-
-def _check_weight(classifier_weight, dims: int) -> np.ndarray:
-    """`classifier_weight` as float32 `(D, C)`, D = `dims` (the labeler's feature width)."""
-    weight = np.asarray(classifier_weight, np.float32)
-    if weight.ndim != 2 or weight.shape[0] != dims:
-        raise ValueError(f"classifier_weight must be (D, C) with the labeler's D = {dims}, got shape "
-                         f"{weight.shape}")
-    return weight
 
 
 def stage2_boxes(boxes, image_hw, box_convention: str) -> tuple[np.ndarray, np.ndarray]:
