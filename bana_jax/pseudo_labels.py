@@ -571,8 +571,8 @@ def image_unaries(features, image_hw, boxes, box_labels, classifier_weight, *, f
     return ImageUnaries(features, geom, prepared, np.ascontiguousarray(probs), unaries)
 
 
-def labels_from_refined(unaries: ImageUnaries, refined, *, fast: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The second half of `pseudo_labels`: the CRF's output `(1 + P, H, W)` -> uint8 `(y_crf, y_ret)` `(H, W)`."""
+def labels_from_refined(unaries: ImageUnaries, refined, *, fast: bool = True) -> tuple[np.ndarray, ...]:
+    """The second half of `pseudo_labels`: the CRF output `(1 + P, H, W)` -> uint8 y_crf, y_ret `(H, W)`."""
     refined = np.asarray(refined, np.float32)
     if refined.shape != unaries.probs.shape:
         raise ValueError(f"crf returned shape {refined.shape}, expected {unaries.probs.shape}")
@@ -610,10 +610,10 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
     feature_bucket = feature_hw if feature_bucket is None else tuple(feature_bucket)
     if np.any(np.less(feature_bucket, feature_hw)):
         raise ValueError(f"padded sizes must contain the real ones: feature {feature_hw} in {feature_bucket}")
-    unaries = image_unaries(_pad_to(features, feature_bucket), image.shape[:2], boxes, box_labels, classifier_weight, feature_hw=feature_hw,
-                            use_bg_unary=use_bg_unary, unseen_classes=unseen_classes, fast=fast,
-                            image_bucket=image_bucket, max_boxes=max_boxes, max_classes=max_classes,
-                            region_boxes=region_boxes)
+    unaries = image_unaries(_pad_to(features, feature_bucket), image.shape[:2], boxes, box_labels,
+                            classifier_weight, feature_hw=feature_hw, use_bg_unary=use_bg_unary,
+                            unseen_classes=unseen_classes, fast=fast, image_bucket=image_bucket,
+                            max_boxes=max_boxes, max_classes=max_classes, region_boxes=region_boxes)
     y_crf, y_ret = labels_from_refined(unaries, crf(image, unaries.probs), fast=fast)
     return {"y_crf": y_crf, "y_ret": y_ret, "probs": unaries.probs, "bg_unary": unaries.bg_unary(),
             "class_unary": unaries.class_unary(), "classes": unaries.prepared.classes}

@@ -5,12 +5,12 @@
 
 writes `OUT/Y_crf/<id>.png`, `OUT/Y_ret/<id>.png` (uint8 palette PNGs, values = class ids) and
 `OUT/summary.json`, OUT = `pseudo.output_dir` or `DIR/pseudo_labels`. The math is
-`bana_jax.pseudo_labels`; this module schedules it:
+`bana_jax.pseudo_labels.pseudo_labels`, in its two halves; this module schedules them:
 
-- Device (main thread): backbone features, then the unaries (`u_0`, `u_c`, in-box softmax) at a
+- Device (main thread): backbone features, then `image_unaries` (`u_0`, `u_c`, in-box softmax) at a
   bucket size. Retrieval (`Y_ret`) is device work too, run from the CPU workers once the CRF is done.
-- CPU (a thread pool): DenseCRF (`crf_ext`, GIL released, one image per thread), the box masking
-  and argmax, the baselines (box-fill, GrabCut), and the atomic PNG writes. Up to
+- CPU (a thread pool): DenseCRF (`crf_ext`, GIL released, one image per thread), `labels_from_refined`
+  (box masking, argmax, retrieval), the baselines (box-fill, GrabCut), the atomic PNG writes. Up to
   `2 * workers` images are in flight, so the device works on the next images meanwhile.
 - Hosts: process i of n labels images i, i + n, ...; the confusion matrices are summed over hosts
   and process 0 writes the summary.
@@ -401,10 +401,11 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                       pos_w=crf_cfg.pos_w, pos_xy_std=crf_cfg.pos_xy_std, n_iter=crf_cfg.iterations)
     workers = workers or os.cpu_count() or 1
     extractor = FeatureExtractor(labeler, image_bucket=pseudo.image_bucket)
-    weight = np.asarray(extractor.classifier_weight if classifier_weight is None else classifier_weight, np.float32)
-    if weight.ndim != 2 or weight.shape[0] != extractor.classifier_weight.shape[0]:
-        raise ValueError(f"classifier_weight must be (D, C) with the labeler's D = "
-                         f"{extractor.classifier_weight.shape[0]}, got shape {weight.shape}")
+    own = extractor.classifier_weight  # (D, C)
+    weight = own if classifier_weight is None else np.asarray(classifier_weight, np.float32)
+    if weight.ndim != 2 or weight.shape[0] != own.shape[0]:
+        raise ValueError(f"classifier_weight must be (D, C) with the labeler's D = {own.shape[0]}, got shape "
+                         f"{weight.shape}")
     unaries_of = functools.partial(_image_unaries, extractor, weight, pseudo=pseudo,
                                    unseen_classes=unseen_classes, image_step=image_step)
     visualise = bool(pseudo.save_visualisations) and num_visualisations > 0
@@ -427,7 +428,8 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
             while len(pending) > limit:
                 scorer.add(pending.popleft().result())
                 bar.update(1)
-                bar.set_postfix(computed=scorer.images["computed"], skipped=scorer.images["skipped"], refresh=False)
+                bar.set_postfix(computed=scorer.images["computed"], skipped=scorer.images["skipped"],
+                                refresh=False)
 
         for position, index in enumerate(indices):
             # Panels by position, not by count of computed images: a resumed run adds no second set.
