@@ -529,35 +529,27 @@ class ImageUnaries(NamedTuple):
     """One image's CRF input and what `labels_from_refined` needs after the CRF.
 
     features `(hb, wb, D)` float32 on the device (zero past the feature map); geom, prepared: the
-    image's geometry and boxes; probs `(1 + P, H, W)` float32 host, the CRF input; unaries: the
-    padded device `Unaries`, brought to the host only on request (`bg_unary`, `class_unary`).
+    image's geometry and boxes; probs `(1 + P, H, W)` float32, the CRF input; bg_unary u_0 `(H, W)`
+    and class_unary u_c `(P, H, W)`: float32, or None when not asked for (`image_unaries`).
     """
 
     features: jax.Array
     geom: Geometry
     prepared: PreparedBoxes
     probs: np.ndarray
-    unaries: Unaries
-
-    def bg_unary(self) -> np.ndarray:
-        """u_0 `(H, W)`."""
-        _, height, width = self.probs.shape
-        return np.asarray(self.unaries.bg_unary)[:height, :width]
-
-    def class_unary(self) -> np.ndarray:
-        """u_c `(P, H, W)`."""
-        channels, height, width = self.probs.shape
-        return np.asarray(self.unaries.class_unary)[:channels - 1, :height, :width]
+    bg_unary: np.ndarray | None
+    class_unary: np.ndarray | None
 
 
 def image_unaries(features, image_hw, boxes, box_labels, classifier_weight, *, feature_hw=None,
                   use_bg_unary: bool = True, unseen_classes: Sequence[int] = (), fast: bool = True,
                   image_bucket=None, max_boxes: int | None = None, max_classes: int | None = None,
-                  region_boxes=None) -> ImageUnaries:
+                  region_boxes=None, host_unaries: bool = True) -> ImageUnaries:
     """The first half of `pseudo_labels` (device): boxes -> unaries -> CRF input `probs`.
 
     features `(hb, wb, D)` (host or device): the labeler's `feature_hw` grid (default: all of it),
-    zero-padded to a bucket size; image_hw `(H, W)`; the rest as in `pseudo_labels`.
+    zero-padded to a bucket size; image_hw `(H, W)`; host_unaries: also copy u_0 and u_c to the host;
+    the rest as in `pseudo_labels`.
     """
     features = jnp.asarray(features, jnp.float32)
     feature_hw = features.shape[:2] if feature_hw is None else feature_hw
@@ -566,9 +558,12 @@ def image_unaries(features, image_hw, boxes, box_labels, classifier_weight, *, f
     prepared = prepare_boxes(boxes, box_labels, image_hw, classifier_weight, unseen_classes=unseen_classes,
                              max_boxes=max_boxes, max_classes=max_classes, region_boxes=region_boxes)
     unaries = stage2_unaries(features, geom, prepared, use_bg_unary=use_bg_unary, fast=fast)
-    height, width = image_hw
-    probs = np.asarray(unaries.probs)[:1 + len(prepared.classes), :height, :width]
-    return ImageUnaries(features, geom, prepared, np.ascontiguousarray(probs), unaries)
+    (height, width), num_present = image_hw, len(prepared.classes)
+    probs = np.ascontiguousarray(np.asarray(unaries.probs)[:1 + num_present, :height, :width])
+    if not host_unaries:
+        return ImageUnaries(features, geom, prepared, probs, None, None)
+    return ImageUnaries(features, geom, prepared, probs, np.asarray(unaries.bg_unary)[:height, :width],
+                        np.asarray(unaries.class_unary)[:num_present, :height, :width])
 
 
 def labels_from_refined(unaries: ImageUnaries, refined, *, fast: bool = True) -> tuple[np.ndarray, ...]:
@@ -615,5 +610,5 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
                             unseen_classes=unseen_classes, fast=fast, image_bucket=image_bucket,
                             max_boxes=max_boxes, max_classes=max_classes, region_boxes=region_boxes)
     y_crf, y_ret = labels_from_refined(unaries, crf(image, unaries.probs), fast=fast)
-    return {"y_crf": y_crf, "y_ret": y_ret, "probs": unaries.probs, "bg_unary": unaries.bg_unary(),
-            "class_unary": unaries.class_unary(), "classes": unaries.prepared.classes}
+    return {"y_crf": y_crf, "y_ret": y_ret, "probs": unaries.probs, "bg_unary": unaries.bg_unary,
+            "class_unary": unaries.class_unary, "classes": unaries.prepared.classes}

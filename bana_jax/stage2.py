@@ -192,9 +192,10 @@ class _Job:
     device_seconds: float
 
 
-def _image_unaries(extractor, weight, image, boxes, box_labels, *, pseudo, unseen_classes,
+def _image_unaries(extractor, weight, image, boxes, box_labels, visualise: bool, *, pseudo, unseen_classes,
                    image_step) -> pl.ImageUnaries:
-    """Backbone + unaries of one image (device), at the runner's bucket sizes."""
+    """Backbone + unaries of one image (device), at the runner's bucket sizes; u_0 and u_c on the host
+    only for a panel."""
     height, width = image.shape[:2]
     features, feature_hw = extractor(image)
     half_open, region = stage2_boxes(boxes, (height, width), pseudo.box_convention)
@@ -203,7 +204,7 @@ def _image_unaries(extractor, weight, image, boxes, box_labels, *, pseudo, unsee
                             image_bucket=(_round_up(height, image_step), _round_up(width, image_step)),
                             max_boxes=_pow2_at_least(len(boxes), MIN_BOXES),
                             max_classes=_pow2_at_least(len(np.unique(box_labels)), MIN_CLASSES),
-                            region_boxes=region)
+                            region_boxes=region, host_unaries=visualise)
 
 
 def _make_job(sample, out_dir: Path, unaries_of, visualise: bool) -> _Job:
@@ -226,9 +227,10 @@ def _make_job(sample, out_dir: Path, unaries_of, visualise: bool) -> _Job:
     image_id = str(sample["id"])
     paths = {kind: out_dir / folder / f"{image_id}.png" for kind, folder in _FOLDERS.items()}
     compute = not (paths["y_crf"].is_file() and paths["y_ret"].is_file())  # else finished earlier
+    visualise = compute and visualise
     start = time.perf_counter()
-    unaries = unaries_of(image, boxes, labels) if compute and len(boxes) else None
-    return _Job(image_id, image, boxes, labels, label, paths, compute, compute and visualise, unaries,
+    unaries = unaries_of(image, boxes, labels, visualise) if compute and len(boxes) else None
+    return _Job(image_id, image, boxes, labels, label, paths, compute, visualise, unaries,
                 time.perf_counter() - start)
 
 
@@ -257,8 +259,8 @@ def _label_image(job: _Job, crf_params: dict, vis_dir: Path) -> tuple[np.ndarray
         unaries = job.unaries
         tiles, titles = visualize.pseudo_label_panel(
             job.image, job.boxes, job.box_labels, y_crf, y_ret, label=job.label,
-            bg_unary=np.ones(job.image.shape[:2], np.float32) if unaries is None else unaries.bg_unary(),
-            class_unary_max=None if unaries is None else unaries.class_unary().max(0))
+            bg_unary=np.ones(job.image.shape[:2], np.float32) if unaries is None else unaries.bg_unary,
+            class_unary_max=None if unaries is None else unaries.class_unary.max(0))
         # The titles travel inside the panel: panels differ in columns (no u_c tile without boxes,
         # no ground truth without labels), and index.html also lists the panels of earlier runs.
         visualize.write_png(vis_dir / f"{job.id}.png", tiles, titles=titles)
