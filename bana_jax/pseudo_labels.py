@@ -10,8 +10,8 @@ features `F = R_y f R_x^T` is one of three things, and each is exact at feature 
   Gram matrix of those four features (five inner-product maps on the grid);
 - the sum of `F` over a pixel mask `M`: `sum_p M(p) F(p) = sum_ij (R_y^T M R_x)_ij f_ij`.
 
-`fast=True` uses these; `fast=False` (the `*_direct` functions) materialises `F` like the official
-code and is the reference they are tested against. The math after these primitives is shared.
+`fast=True` uses these; `fast=False` materialises `F` like the official code and is the reference
+they are tested against. The math after these primitives is shared.
 
 Bucketing: the geometry (interpolation weights, valid extents) is passed as arrays, not shapes, so
 an image and its feature map can be zero-padded to a bucket size `(Hb, Wb)` / `(hb, wb)` and one
@@ -433,9 +433,6 @@ def stage2_unaries(features, geom: Geometry, prepared: PreparedBoxes, *, use_bg_
                         use_bg_unary=use_bg_unary, fast=fast)
 
 
-stage2_unaries_direct = functools.partial(stage2_unaries, fast=False)
-
-
 # ------------------------------------------------------------------------------------------------
 # Y_crf (host) and Y_ret (device)
 # ------------------------------------------------------------------------------------------------
@@ -515,9 +512,6 @@ def retrieval(features, geom: Geometry, crf_map, prepared: PreparedBoxes, *, fas
                           *box_args, fast=fast)
 
 
-retrieval_direct = functools.partial(retrieval, fast=False)
-
-
 # ------------------------------------------------------------------------------------------------
 # One image, end to end
 # ------------------------------------------------------------------------------------------------
@@ -528,12 +522,70 @@ def _pad_to(array, shape, value=0):
     return np.pad(array, pads + [(0, 0)] * (array.ndim - len(shape)), constant_values=value)
 
 
+_cached_geometry = functools.lru_cache(maxsize=256)(make_geometry)  # the same few sizes, image after image
+
+
+class ImageUnaries(NamedTuple):
+    """One image's CRF input and what `labels_from_refined` needs after the CRF.
+
+    features `(hb, wb, D)` float32 on the device (zero past the feature map); geom, prepared: the
+    image's geometry and boxes; probs `(1 + P, H, W)` float32, the CRF input; bg_unary u_0 `(H, W)`
+    and class_unary u_c `(P, H, W)`: float32, or None when not asked for (`image_unaries`).
+    """
+
+    features: jax.Array
+    geom: Geometry
+    prepared: PreparedBoxes
+    probs: np.ndarray
+    bg_unary: np.ndarray | None
+    class_unary: np.ndarray | None
+
+
+def image_unaries(features, image_hw, boxes, box_labels, classifier_weight, *, feature_hw=None,
+                  use_bg_unary: bool = True, unseen_classes: Sequence[int] = (), fast: bool = True,
+                  image_bucket=None, max_boxes: int | None = None, max_classes: int | None = None,
+                  region_boxes=None, host_unaries: bool = True) -> ImageUnaries:
+    """The first half of `pseudo_labels` (device): boxes -> unaries -> CRF input `probs`.
+
+    features `(hb, wb, D)` (host or device): the labeler's `feature_hw` grid (default: all of it),
+    zero-padded to a bucket size; image_hw `(H, W)`; host_unaries: also copy u_0 and u_c to the host;
+    the rest as in `pseudo_labels`.
+    """
+    features = jnp.asarray(features, jnp.float32)
+    feature_hw = features.shape[:2] if feature_hw is None else feature_hw
+    geom = _cached_geometry(tuple(feature_hw), tuple(image_hw), padded_feature_hw=features.shape[:2],
+                            padded_image_hw=None if image_bucket is None else tuple(image_bucket))
+    prepared = prepare_boxes(boxes, box_labels, image_hw, classifier_weight, unseen_classes=unseen_classes,
+                             max_boxes=max_boxes, max_classes=max_classes, region_boxes=region_boxes)
+    unaries = stage2_unaries(features, geom, prepared, use_bg_unary=use_bg_unary, fast=fast)
+    (height, width), num_present = image_hw, len(prepared.classes)
+    probs = np.ascontiguousarray(np.asarray(unaries.probs)[:1 + num_present, :height, :width])
+    if not host_unaries:
+        return ImageUnaries(features, geom, prepared, probs, None, None)
+    return ImageUnaries(features, geom, prepared, probs, np.asarray(unaries.bg_unary)[:height, :width],
+                        np.asarray(unaries.class_unary)[:num_present, :height, :width])
+
+
+def labels_from_refined(unaries: ImageUnaries, refined, *, fast: bool = True) -> tuple[np.ndarray, ...]:
+    """The second half of `pseudo_labels`: the CRF output `(1 + P, H, W)` -> uint8 y_crf, y_ret `(H, W)`."""
+    refined = np.asarray(refined, np.float32)
+    if refined.shape != unaries.probs.shape:
+        raise ValueError(f"crf returned shape {refined.shape}, expected {unaries.probs.shape}")
+    geom, prepared = unaries.geom, unaries.prepared
+    crf_map = crf_channels(refined, prepared.boxes_px, prepared.box_channel)
+    padded_map = _pad_to(crf_map, (geom.rows.shape[0], geom.cols.shape[0]), value=-1)
+    ret_map = np.asarray(retrieval(unaries.features, geom, padded_map, prepared, fast=fast).channels)
+    return (channels_to_classes(crf_map, prepared.classes),
+            channels_to_classes(ret_map[:crf_map.shape[0], :crf_map.shape[1]], prepared.classes))
+
+
 def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
                   crf: Callable[[np.ndarray, np.ndarray], np.ndarray], use_bg_unary: bool = True,
                   unseen_classes: Sequence[int] = (), fast: bool = True, feature_bucket=None,
                   image_bucket=None, max_boxes: int | None = None, max_classes: int | None = None,
                   region_boxes=None) -> dict:
-    """Y_crf and Y_ret of one image (main paper, stage 2, as the official script computes it).
+    """Y_crf and Y_ret of one image (main paper, stage 2, as the official script computes it):
+    `image_unaries`, the CRF, `labels_from_refined`.
 
     features `(h, w, D)` from the labeler in eval mode; image uint8 `(H, W, 3)` RGB; boxes `(K, 4)`
     pixel `[x_min, y_min, x_max, y_max]`; box_labels `(K,)` in 1..C-1; classifier_weight `(D, C)`.
@@ -547,36 +599,16 @@ def pseudo_labels(features, image, boxes, box_labels, classifier_weight, *,
     """
     features = np.asarray(features, np.float32)
     image = np.asarray(image)
-    if features.ndim != 3:
-        raise ValueError(f"features must be (h, w, D), got shape {features.shape}")
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    height, width = image.shape[:2]
-    h, w = features.shape[:2]
-    geom = make_geometry((h, w), (height, width), padded_feature_hw=feature_bucket,
-                         padded_image_hw=image_bucket)
-    prepared = prepare_boxes(boxes, box_labels, (height, width), classifier_weight,
-                             unseen_classes=unseen_classes, max_boxes=max_boxes, max_classes=max_classes,
-                             region_boxes=region_boxes)
-    num_present = len(prepared.classes)
-    padded = _pad_to(features, (geom.rows.shape[1], geom.cols.shape[1]))
-    unaries = stage2_unaries(padded, geom, prepared, use_bg_unary=use_bg_unary, fast=fast)
-    probs = np.asarray(unaries.probs)[: 1 + num_present, :height, :width]
-    refined = np.asarray(crf(image, np.ascontiguousarray(probs)), np.float32)
-    if refined.shape != probs.shape:
-        raise ValueError(f"crf returned shape {refined.shape}, expected {probs.shape}")
-    crf_map = crf_channels(refined, prepared.boxes_px, prepared.box_channel)
-    padded_map = _pad_to(crf_map, (geom.rows.shape[0], geom.cols.shape[0]), value=-1)
-    ret = retrieval(padded, geom, padded_map, prepared, fast=fast)
-    ret_map = np.asarray(ret.channels)[:height, :width]
-    return {
-        "y_crf": channels_to_classes(crf_map, prepared.classes),
-        "y_ret": channels_to_classes(ret_map, prepared.classes),
-        "probs": probs,
-        "bg_unary": np.asarray(unaries.bg_unary)[:height, :width],
-        "class_unary": np.asarray(unaries.class_unary)[:num_present, :height, :width],
-        "classes": prepared.classes,
-    }
-
-
-pseudo_labels_direct = functools.partial(pseudo_labels, fast=False)
+    feature_hw = features.shape[:2]
+    feature_bucket = feature_hw if feature_bucket is None else tuple(feature_bucket)
+    if np.any(np.less(feature_bucket, feature_hw)):
+        raise ValueError(f"padded sizes must contain the real ones: feature {feature_hw} in {feature_bucket}")
+    unaries = image_unaries(_pad_to(features, feature_bucket), image.shape[:2], boxes, box_labels,
+                            classifier_weight, feature_hw=feature_hw, use_bg_unary=use_bg_unary,
+                            unseen_classes=unseen_classes, fast=fast, image_bucket=image_bucket,
+                            max_boxes=max_boxes, max_classes=max_classes, region_boxes=region_boxes)
+    y_crf, y_ret = labels_from_refined(unaries, crf(image, unaries.probs), fast=fast)
+    return {"y_crf": y_crf, "y_ret": y_ret, "probs": unaries.probs, "bg_unary": unaries.bg_unary,
+            "class_unary": unaries.class_unary, "classes": unaries.prepared.classes}

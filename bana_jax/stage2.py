@@ -5,12 +5,12 @@
 
 writes `OUT/Y_crf/<id>.png`, `OUT/Y_ret/<id>.png` (uint8 palette PNGs, values = class ids) and
 `OUT/summary.json`, OUT = `pseudo.output_dir` or `DIR/pseudo_labels`. The math is
-`bana_jax.pseudo_labels`; this module schedules it:
+`bana_jax.pseudo_labels.pseudo_labels`, in its two halves; this module schedules them:
 
-- Device (main thread): backbone features, then the unaries (`u_0`, `u_c`, in-box softmax) at a
+- Device (main thread): backbone features, then `image_unaries` (`u_0`, `u_c`, in-box softmax) at a
   bucket size. Retrieval (`Y_ret`) is device work too, run from the CPU workers once the CRF is done.
-- CPU (a thread pool): DenseCRF (`crf_ext`, GIL released, one image per thread), the box masking
-  and argmax, the baselines (box-fill, GrabCut), and the atomic PNG writes. Up to
+- CPU (a thread pool): DenseCRF (`crf_ext`, GIL released, one image per thread), `labels_from_refined`
+  (box masking, argmax, retrieval), the baselines (box-fill, GrabCut), the atomic PNG writes. Up to
   `2 * workers` images are in flight, so the device works on the next images meanwhile.
 - Hosts: process i of n labels images i, i + n, ...; the confusion matrices are summed over hosts
   and process 0 writes the summary.
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import math
@@ -83,6 +84,7 @@ MIN_BOXES, MIN_CLASSES = 8, 4
 COCO_CLASSES = 81  # the 80 COCO categories + background (data.classes = 'coco')
 BASELINES = ("box_fill", "grabcut")
 METHODS = ("y_crf", "y_ret", "agreement") + BASELINES
+_FOLDERS = {"y_crf": "Y_crf", "y_ret": "Y_ret", "grabcut": "baselines/grabcut"}  # labels by kind, under OUT
 
 
 def _round_up(n: int, step: int) -> int:
@@ -155,28 +157,12 @@ class FeatureExtractor:
         return _crop_to_bucket(features, (h, w), bucket), (h, w)
 
 
-@functools.lru_cache(maxsize=256)
-def _geometry(feature_hw, image_hw, feature_bucket, image_bucket) -> pl.Geometry:
-    return pl.make_geometry(feature_hw, image_hw, padded_feature_hw=feature_bucket,
-                            padded_image_hw=image_bucket)
-
-
-def _paths(out_dir: Path, image_id: str) -> dict:
-    return {"y_crf": out_dir / "Y_crf" / f"{image_id}.png", "y_ret": out_dir / "Y_ret" / f"{image_id}.png",
-            "grabcut": out_dir / "baselines" / "grabcut" / f"{image_id}.png"}
-
-
-def _is_finished(paths: dict) -> bool:
-    return paths["y_crf"].is_file() and paths["y_ret"].is_file()
-
-
 def _stale_temporaries(out_dir: Path) -> dict:
     """Temporary files a killed run left (`.NAME.png.XXXX.tmp`, see bana_jax.io), by image id.
 
     Listed once up front (not globbed per image, which would be quadratic in the split size)."""
     stale = collections.defaultdict(list)
-    for folder in (out_dir / "Y_crf", out_dir / "Y_ret", out_dir / "baselines" / "grabcut",
-                   out_dir / "visualisations"):
+    for folder in [out_dir / f for f in _FOLDERS.values()] + [out_dir / "visualisations"]:
         if folder.is_dir():
             for entry in os.scandir(folder):
                 name = entry.name
@@ -185,7 +171,45 @@ def _stale_temporaries(out_dir: Path) -> dict:
     return stale
 
 
-def _check_sample(sample: dict) -> tuple:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Job:
+    """One image between the device (main thread) and a CPU worker.
+
+    image uint8 `(H, W, 3)`; boxes `(K, 4)` inclusive pixels; box_labels `(K,)`; label `(H, W)` or
+    None (no ground truth); compute: False when both PNGs exist (then read back and scored); unaries:
+    None without boxes (all background) or when not computed; device_seconds: backbone + unaries.
+    """
+
+    id: str
+    image: np.ndarray
+    boxes: np.ndarray
+    box_labels: np.ndarray
+    label: np.ndarray | None
+    paths: dict
+    compute: bool
+    visualise: bool
+    unaries: pl.ImageUnaries | None
+    device_seconds: float
+
+
+def _image_unaries(extractor, weight, image, boxes, box_labels, visualise: bool, *, pseudo, unseen_classes,
+                   image_step) -> pl.ImageUnaries:
+    """Backbone + unaries of one image (device), at the runner's bucket sizes; u_0 and u_c on the host
+    only for a panel."""
+    height, width = image.shape[:2]
+    features, feature_hw = extractor(image)
+    half_open, region = stage2_boxes(boxes, (height, width), pseudo.box_convention)
+    return pl.image_unaries(features, (height, width), half_open, box_labels, weight, feature_hw=feature_hw,
+                            use_bg_unary=bool(pseudo.use_u0), unseen_classes=unseen_classes,
+                            image_bucket=(_round_up(height, image_step), _round_up(width, image_step)),
+                            max_boxes=_pow2_at_least(len(boxes), MIN_BOXES),
+                            max_classes=_pow2_at_least(len(np.unique(box_labels)), MIN_CLASSES),
+                            region_boxes=region, host_unaries=visualise)
+
+
+def _make_job(sample, out_dir: Path, unaries_of, visualise: bool) -> _Job:
+    """One sample of the source, checked, as a job; its unaries are computed here (device) unless it
+    was finished earlier."""
     image = np.asarray(sample["image"])
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"sample {sample.get('id')!r}: image must be uint8 (H, W, 3), got "
@@ -200,14 +224,124 @@ def _check_sample(sample: dict) -> tuple:
         if label.shape != image.shape[:2]:
             raise ValueError(f"sample {sample['id']!r}: label shape {label.shape} differs from the "
                              f"image {image.shape[:2]}")
-    return image, boxes, labels, label
+    image_id = str(sample["id"])
+    paths = {kind: out_dir / folder / f"{image_id}.png" for kind, folder in _FOLDERS.items()}
+    compute = not (paths["y_crf"].is_file() and paths["y_ret"].is_file())  # else finished earlier
+    visualise = compute and visualise
+    start = time.perf_counter()
+    unaries = unaries_of(image, boxes, labels, visualise) if compute and len(boxes) else None
+    return _Job(image_id, image, boxes, labels, label, paths, compute, visualise, unaries,
+                time.perf_counter() - start)
 
 
-class _Job:
-    """One image between the device and the CPU workers."""
+def _label_image(job: _Job, crf_params: dict, vis_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """CPU side of one image (a worker thread): CRF, Y_crf, Y_ret, their PNGs and its panel, or its
+    PNGs read back when it was finished earlier.
 
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
+    Returns uint8 `y_crf`, `y_ret` `(H, W)` and the seconds of its "crf", "retrieval" and "features"
+    (backbone, unaries and retrieval) work (none without boxes or when read back).
+    """
+    if not job.compute:
+        return bio.read_label_png(job.paths["y_crf"]), bio.read_label_png(job.paths["y_ret"]), {}
+    if job.unaries is None:  # no boxes: everything is background (and not timed)
+        y_crf = y_ret = np.zeros(job.image.shape[:2], np.uint8)
+        seconds = {}
+    else:
+        start = time.perf_counter()
+        refined = crf_ext.dense_crf(job.image, job.unaries.probs, num_threads=1, **crf_params)
+        crf_end = time.perf_counter()
+        y_crf, y_ret = pl.labels_from_refined(job.unaries, refined)
+        retrieval = time.perf_counter() - crf_end
+        seconds = dict(crf=crf_end - start, retrieval=retrieval, features=job.device_seconds + retrieval)
+    bio.write_label_png(job.paths["y_ret"], y_ret)
+    bio.write_label_png(job.paths["y_crf"], y_crf)  # last: its presence marks "finished"
+    if job.visualise:
+        unaries = job.unaries
+        tiles, titles = visualize.pseudo_label_panel(
+            job.image, job.boxes, job.box_labels, y_crf, y_ret, label=job.label,
+            bg_unary=np.ones(job.image.shape[:2], np.float32) if unaries is None else unaries.bg_unary,
+            class_unary_max=None if unaries is None else unaries.class_unary.max(0))
+        # The titles travel inside the panel: panels differ in columns (no u_c tile without boxes,
+        # no ground truth without labels), and index.html also lists the panels of earlier runs.
+        visualize.write_png(vis_dir / f"{job.id}.png", tiles, titles=titles)
+    return y_crf, y_ret, seconds
+
+
+class _Scorer:
+    """Scores and timings of this host's images: per image in the workers (`score`), added up in the
+    main thread (`add`); `_summary` sums them over hosts."""
+
+    def __init__(self, num_classes: int, baselines: Sequence[str]):
+        self.num_classes, self.baselines = num_classes, tuple(baselines)
+        self.methods = [m for m in METHODS if m not in BASELINES or m in self.baselines]
+        self.conf = {m: np.zeros((num_classes, num_classes), np.int64) for m in METHODS}
+        self.images = collections.Counter()  # computed, skipped, scored
+        self.seconds = collections.defaultdict(list)  # per computed image: features, crf, retrieval, baselines
+
+    def score(self, job: _Job, y_crf: np.ndarray, y_ret: np.ndarray) -> dict:
+        """Confusion matrices `(C, C)` of one image's labels and baselines against its ground truth."""
+        start = time.perf_counter()
+        preds = {"y_crf": y_crf, "y_ret": y_ret}
+        if "box_fill" in self.baselines:
+            preds["box_fill"] = baselines_lib.box_fill(job.boxes, job.box_labels, job.image.shape[:2])
+        if "grabcut" in self.baselines:
+            path = job.paths["grabcut"]
+            if path.is_file():
+                preds["grabcut"] = bio.read_label_png(path)
+            else:
+                preds["grabcut"] = baselines_lib.grabcut(job.image, job.boxes, job.box_labels)
+                bio.write_label_png(path, preds["grabcut"])
+        seconds = time.perf_counter() - start
+        conf = {m: metrics.confusion_matrix(p, job.label, self.num_classes) for m, p in preds.items()}
+        reliable_label = np.where(y_crf == y_ret, job.label, IGNORE_INDEX)
+        conf["agreement"] = metrics.confusion_matrix(y_crf, reliable_label, self.num_classes)
+        return {"conf": conf, "baselines": seconds}
+
+    def add(self, result: dict) -> None:
+        for m, c in result.get("conf", {}).items():
+            self.conf[m] += c
+        self.images["scored"] += "conf" in result
+        for key in ("features", "crf", "retrieval", "baselines"):
+            if key in result:
+                self.seconds[key].append(result[key])
+
+
+def _summary(scorer: _Scorer, *, num_images: int, wall: float, timing_scope: str, extractor: FeatureExtractor,
+             settings: dict, class_names) -> dict:
+    """The summary of a run (see `generate_pseudo_labels`): scores and counts summed over hosts."""
+    conf = {m: metrics.sum_across_hosts(scorer.conf[m]) for m in METHODS}  # exact int64
+    computed, seconds = scorer.images["computed"], scorer.seconds
+    counts = metrics.sum_across_hosts(np.array(
+        [[num_images, computed, scorer.images["skipped"], scorer.images["scored"]]], np.int64))[0]
+    median = lambda values: float(np.median(values)) if values else None  # noqa: E731
+    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    methods = scorer.methods
+    summary = {
+        "images": int(counts[0]), "computed": int(counts[1]), "skipped": int(counts[2]),
+        "images_with_ground_truth": int(counts[3]),
+        # Medians over this run's computed images (compilations show in the means and in wall).
+        "seconds_per_image": {
+            "features": median(seconds["features"]), "crf": median(seconds["crf"]),
+            "retrieval": median(seconds["retrieval"]), "baselines": median(seconds["baselines"]),
+            "features_mean": mean(seconds["features"]), "crf_mean": mean(seconds["crf"]),
+            "wall": wall / computed if computed else None,
+        },
+        "timing_scope": timing_scope,
+        "backbone_image_sizes": len(extractor.image_sizes),
+        "backbone_compilations": len(extractor.backbone_sizes),
+        # Summed over hosts (exact integers): rows = ground truth, columns = prediction.
+        "confusion": {m: conf[m].tolist() for m in methods} if counts[3] else {},
+        "settings": settings,
+    }
+    if counts[3]:
+        ious = {m: metrics.per_class_iou(conf[m]) for m in methods}
+        summary["miou"] = {m: _percent(metrics.mean_iou(conf[m])) for m in methods}
+        summary["per_class"] = {name: {m: _percent(ious[m][c]) for m in methods}
+                                for c, name in enumerate(class_names)}
+        labelled = conf["y_crf"].sum()
+        summary["agreement_fraction"] = float(conf["agreement"].sum() / labelled) if labelled else None
+        summary["pixel_accuracy"] = {m: _percent(metrics.pixel_accuracy(conf[m])) for m in methods}
+    return summary
 
 
 def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Sequence[str] = BASELINES,
@@ -255,8 +389,7 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     out_dir = Path(out_dir)
     pseudo, crf_cfg = config.pseudo, config.crf
     stage2_boxes(np.zeros((0, 4), np.float32), (1, 1), pseudo.box_convention)  # a bad value fails here
-    unknown = set(baselines) - set(BASELINES)
-    if unknown:
+    if set(baselines) - set(BASELINES):
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)}")
     num_classes = int(config.model.num_classes if num_classes is None else num_classes)
     if class_names is None:
@@ -270,82 +403,24 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
                       pos_w=crf_cfg.pos_w, pos_xy_std=crf_cfg.pos_xy_std, n_iter=crf_cfg.iterations)
     workers = workers or os.cpu_count() or 1
     extractor = FeatureExtractor(labeler, image_bucket=pseudo.image_bucket)
-    weight = extractor.classifier_weight if classifier_weight is None else _check_weight(
-        classifier_weight, extractor.classifier_weight.shape[0])
+    own = extractor.classifier_weight  # (D, C)
+    weight = own if classifier_weight is None else np.asarray(classifier_weight, np.float32)
+    if weight.ndim != 2 or weight.shape[0] != own.shape[0]:
+        raise ValueError(f"classifier_weight must be (D, C) with the labeler's D = {own.shape[0]}, got shape "
+                         f"{weight.shape}")
+    unaries_of = functools.partial(_image_unaries, extractor, weight, pseudo=pseudo,
+                                   unseen_classes=unseen_classes, image_step=image_step)
     visualise = bool(pseudo.save_visualisations) and num_visualisations > 0
     vis_dir = out_dir / "visualisations"
+    scorer = _Scorer(num_classes, baselines)
 
-    conf = {m: np.zeros((num_classes, num_classes), np.int64) for m in METHODS}
-    totals = collections.Counter()  # image counts
-    seconds = collections.defaultdict(list)  # per computed image: features, crf, retrieval, baselines
+    def process(job: _Job) -> dict:  # a CPU worker
+        y_crf, y_ret, result = _label_image(job, crf_params, vis_dir)
+        return result if job.label is None else result | scorer.score(job, y_crf, y_ret)
 
-    def finish(job: _Job) -> dict:
-        """CPU side of one image (a worker thread): CRF, Y_crf, Y_ret, writes, baselines."""
-        result = {"id": job.id}
-        if job.compute:
-            start = time.perf_counter()
-            if job.prepared is None:  # no boxes: everything is background (and not timed)
-                y_crf = y_ret = np.zeros(job.image.shape[:2], np.uint8)
-            else:
-                refined = crf_ext.dense_crf(job.image, job.probs, num_threads=1, **crf_params)
-                crf_end = time.perf_counter()
-                crf_map = pl.crf_channels(refined, job.prepared.boxes_px, job.prepared.box_channel)
-                padded_map = np.full((job.geom.rows.shape[0], job.geom.cols.shape[0]), -1, np.int32)
-                padded_map[:crf_map.shape[0], :crf_map.shape[1]] = crf_map
-                ret = pl.retrieval(job.features, job.geom, padded_map, job.prepared)
-                ret_map = np.asarray(ret.channels)[:crf_map.shape[0], :crf_map.shape[1]]
-                ret_end = time.perf_counter()
-                y_crf = pl.channels_to_classes(crf_map, job.prepared.classes)
-                y_ret = pl.channels_to_classes(ret_map, job.prepared.classes)
-                result.update(crf=crf_end - start, retrieval=ret_end - crf_end, device=job.device_seconds)
-            bio.write_label_png(job.paths["y_ret"], y_ret)
-            bio.write_label_png(job.paths["y_crf"], y_crf)  # last: its presence marks "finished"
-            if job.visualise:
-                tiles, titles = visualize.pseudo_label_panel(
-                    job.image, job.boxes, job.box_labels, y_crf, y_ret, bg_unary=job.bg_unary,
-                    class_unary_max=job.class_unary_max, label=job.label)
-                # The titles travel inside the panel: panels differ in columns (no u_c tile
-                # without boxes, no ground truth without labels), and index.html also lists the
-                # panels of earlier runs.
-                visualize.write_png(vis_dir / f"{job.id}.png", tiles, titles=titles)
-        else:
-            y_crf, y_ret = bio.read_label_png(job.paths["y_crf"]), bio.read_label_png(job.paths["y_ret"])
-        if job.label is not None:
-            start = time.perf_counter()
-            preds = {"y_crf": y_crf, "y_ret": y_ret}
-            if "box_fill" in baselines:
-                preds["box_fill"] = baselines_lib.box_fill(job.boxes, job.box_labels, job.image.shape[:2])
-            if "grabcut" in baselines:
-                path = job.paths["grabcut"]
-                if path.is_file():
-                    preds["grabcut"] = bio.read_label_png(path)
-                else:
-                    preds["grabcut"] = baselines_lib.grabcut(job.image, job.boxes, job.box_labels)
-                    bio.write_label_png(path, preds["grabcut"])
-            result["baselines"] = time.perf_counter() - start
-            label = job.label
-            result["conf"] = {m: metrics.confusion_matrix(p, label, num_classes) for m, p in preds.items()}
-            reliable_label = np.where(y_crf == y_ret, label, IGNORE_INDEX)
-            result["conf"]["agreement"] = metrics.confusion_matrix(y_crf, reliable_label, num_classes)
-        return result
+    from tqdm.auto import tqdm
 
-    def collect(result: dict) -> None:
-        for m, c in result.get("conf", {}).items():
-            conf[m] += c
-        totals["scored"] += "conf" in result
-        for key in ("crf", "retrieval", "baselines"):
-            if key in result:
-                seconds[key].append(result[key])
-        if "device" in result:
-            seconds["features"].append(result["device"] + result["retrieval"])
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = tqdm(total=len(indices), unit="img", desc="stage2", disable=not progress or tqdm is None,
-               dynamic_ncols=True) if tqdm else None
-
+    bar = tqdm(total=len(indices), unit="img", desc="stage2", disable=not progress, dynamic_ncols=True)
     stale = _stale_temporaries(out_dir)  # only this host's images' are removed (hosts may share out_dir)
     wall_start = time.perf_counter()
     pending = collections.deque()
@@ -353,78 +428,29 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                collect(pending.popleft().result())
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(computed=totals["computed"], skipped=totals["skipped"], refresh=False)
+                scorer.add(pending.popleft().result())
+                bar.update(1)
+                bar.set_postfix(computed=scorer.images["computed"], skipped=scorer.images["skipped"],
+                                refresh=False)
 
         for position, index in enumerate(indices):
-            sample = source[index]
-            image, boxes, box_labels, label = _check_sample(sample)
-            image_id = str(sample["id"])
-            paths = _paths(out_dir, image_id)
-            compute = not _is_finished(paths)
-            job = _Job(id=image_id, image=image, boxes=boxes, box_labels=box_labels, label=label,
-                       paths=paths, compute=compute, prepared=None, visualise=False, device_seconds=0.0)
-            for tmp in stale.pop(image_id, ()):
+            # Panels by position, not by count of computed images: a resumed run adds no second set.
+            job = _make_job(source[index], out_dir, unaries_of, visualise and position < num_visualisations)
+            for tmp in stale.pop(job.id, ()):
                 tmp.unlink(missing_ok=True)
-            if compute:
-                totals["computed"] += 1
-                # By position, not by count of computed images: a resumed run adds no second set.
-                job.visualise = visualise and position < num_visualisations
-                if len(boxes):
-                    start = time.perf_counter()
-                    _device_unaries(job, extractor, weight, pseudo.use_u0, unseen_classes, image_step,
-                                    pseudo.box_convention)
-                    job.device_seconds = time.perf_counter() - start
-                else:
-                    job.bg_unary, job.class_unary_max = np.ones(image.shape[:2], np.float32), None
-            else:
-                totals["skipped"] += 1
-            pending.append(pool.submit(finish, job))
+            scorer.images["computed" if job.compute else "skipped"] += 1
+            pending.append(pool.submit(process, job))
             drain(2 * workers)
         drain(0)
-    if bar is not None:
-        bar.close()
+    bar.close()
     wall = time.perf_counter() - wall_start
 
-    # Sum over hosts: confusion matrices and counts (int64, exact).
-    for m in METHODS:
-        conf[m] = metrics.sum_across_hosts(conf[m])
-    counts = metrics.sum_across_hosts(np.array(
-        [[len(indices), totals["computed"], totals["skipped"], totals["scored"]]], np.int64))[0]
-    computed = totals["computed"]
-    median = lambda values: float(np.median(values)) if values else None  # noqa: E731
-    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
-    summary = {
-        "images": int(counts[0]), "computed": int(counts[1]), "skipped": int(counts[2]),
-        "images_with_ground_truth": int(counts[3]),
-        # Medians over this run's computed images (compilations show in the means and in wall).
-        "seconds_per_image": {
-            "features": median(seconds["features"]), "crf": median(seconds["crf"]),
-            "retrieval": median(seconds["retrieval"]), "baselines": median(seconds["baselines"]),
-            "features_mean": mean(seconds["features"]), "crf_mean": mean(seconds["crf"]),
-            "wall": wall / computed if computed else None,
-        },
-        "timing_scope": f"host {process_index} of {process_count}, {computed} computed images, "
-                        f"{workers} CPU workers, device {jax.devices()[0].platform}",
-        "backbone_image_sizes": len(extractor.image_sizes),
-        "backbone_compilations": len(extractor.backbone_sizes),
-        # Summed over hosts (exact integers): rows = ground truth, columns = prediction.
-        "confusion": {m: conf[m].tolist() for m in METHODS if m in ("y_crf", "y_ret", "agreement")
-                      or m in baselines} if counts[3] else {},
-        "settings": {"use_u0": bool(pseudo.use_u0), "image_bucket": extractor.image_bucket, "crf": crf_params,
-                     "unseen_classes": list(unseen_classes), "baselines": list(baselines)},
-    }
-    if counts[3]:
-        methods = [m for m in METHODS if m in ("y_crf", "y_ret", "agreement") or m in baselines]
-        ious = {m: metrics.per_class_iou(conf[m]) for m in methods}
-        summary["miou"] = {m: _percent(metrics.mean_iou(conf[m])) for m in methods}
-        summary["per_class"] = {name: {m: _percent(ious[m][c]) for m in methods}
-                                for c, name in enumerate(class_names)}
-        labelled = conf["y_crf"].sum()
-        summary["agreement_fraction"] = float(conf["agreement"].sum() / labelled) if labelled else None
-        summary["pixel_accuracy"] = {m: _percent(metrics.pixel_accuracy(conf[m])) for m in methods}
+    summary = _summary(
+        scorer, num_images=len(indices), wall=wall, extractor=extractor, class_names=class_names,
+        timing_scope=f"host {process_index} of {process_count}, {scorer.images['computed']} computed images, "
+                     f"{workers} CPU workers, device {jax.devices()[0].platform}",
+        settings={"use_u0": bool(pseudo.use_u0), "image_bucket": extractor.image_bucket, "crf": crf_params,
+                  "unseen_classes": list(unseen_classes), "baselines": list(baselines)})
     if process_index == 0:
         bio.write_json(out_dir / "summary.json", summary)
         panels = sorted(vis_dir.glob("*.png")) if visualise else []
@@ -437,15 +463,6 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
     return summary
 
 
-def _check_weight(classifier_weight, dims: int) -> np.ndarray:
-    """`classifier_weight` as float32 `(D, C)`, D = `dims` (the labeler's feature width)."""
-    weight = np.asarray(classifier_weight, np.float32)
-    if weight.ndim != 2 or weight.shape[0] != dims:
-        raise ValueError(f"classifier_weight must be (D, C) with the labeler's D = {dims}, got shape "
-                         f"{weight.shape}")
-    return weight
-
-
 def stage2_boxes(boxes, image_hw, box_convention: str) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive pixel boxes -> (the half-open boxes stage 2 labels with, those whose union is the
     in-box region), per `pseudo.box_convention` (see `pseudo_labels.prepare_boxes`)."""
@@ -456,26 +473,6 @@ def stage2_boxes(boxes, image_hw, box_convention: str) -> tuple[np.ndarray, np.n
         half_open = baselines_lib.half_open_boxes(boxes)
         return half_open, half_open
     raise ValueError(f"pseudo.box_convention must be 'official' or 'pixels', got {box_convention!r}")
-
-
-def _device_unaries(job, extractor, weight, use_u0, unseen_classes, image_step, box_convention) -> None:
-    """Backbone + unaries of one image; fills job.features, geom, prepared, probs (host)."""
-    height, width = job.image.shape[:2]
-    features, feature_hw = extractor(job.image)
-    feature_bucket = features.shape[:2]
-    image_bucket = (_round_up(height, image_step), _round_up(width, image_step))
-    geom = _geometry(feature_hw, (height, width), tuple(feature_bucket), image_bucket)
-    num_present = len(np.unique(job.box_labels))
-    boxes, region = stage2_boxes(job.boxes, (height, width), box_convention)
-    prepared = pl.prepare_boxes(boxes, job.box_labels, (height, width), weight, unseen_classes=unseen_classes,
-                                max_boxes=_pow2_at_least(len(job.boxes), MIN_BOXES),
-                                max_classes=_pow2_at_least(num_present, MIN_CLASSES), region_boxes=region)
-    unaries = pl.stage2_unaries(features, geom, prepared, use_bg_unary=bool(use_u0))
-    job.probs = np.ascontiguousarray(np.asarray(unaries.probs)[:1 + num_present, :height, :width])
-    job.features, job.geom, job.prepared = features, geom, prepared
-    if job.visualise:
-        job.bg_unary = np.asarray(unaries.bg_unary)[:height, :width]
-        job.class_unary_max = np.asarray(unaries.class_unary)[:num_present, :height, :width].max(0)
 
 
 def _percent(value) -> float | None:
