@@ -70,8 +70,9 @@ def base_config() -> ConfigDict:
 
     # The network (bana_jax.models).
     c.model = model = ConfigDict()
-    # 'vgg16_labeler' | 'efficientnet_lite0_labeler' | 'vgg_tiny' (stage 1);
-    # 'deeplab_v1' | 'deeplab_v2' | 'vgg_tiny' (stage 3). Stage 2 rebuilds stage 1's network.
+    # Stage 1: 'vgg16_labeler' | 'efficientnet_lite0_labeler' | 'vgg_tiny'; stage 3: 'deeplab_v1' |
+    # 'deeplab_v2' | 'efficientnet_lite0' | 'vgg_tiny' (bana_jax.builders). Stage 2 labels with the
+    # stage-1 run's network.
     model.name = "vgg16_labeler"
     # Initial weights: 'hed_vgg16' | 'imagenet' | 'none' | path to a weights file | a finished
     # stage-1 workdir (stage 3: its labeler's backbone).
@@ -134,7 +135,7 @@ def base_config() -> ConfigDict:
     loss.gap_fallback_bg_fraction = 0.125  # stage 1
     loss.roi_windows = 2           # stage 1: 2 (the official 2x2 ROI windows) | 1 (one window)
     loss.name = "nal"              # stage 3: 'nal' | 'ce_s' | 'ce_crf' | 'ce_ret' | 'er' | 'bs'
-    loss.tau = 20.0                # stage 3: cosine classifier scale
+    loss.tau = 20.0                # stage 3: scale of the cosine classifier's scores
     loss.gamma = 7.0               # stage 3: NAL gamma
     loss.weight = 0.1              # stage 3: NAL lambda
     loss.detach_sigma = False      # stage 3 (False = official code)
@@ -171,7 +172,7 @@ def base_config() -> ConfigDict:
     crf.pos_w = 3.0
     crf.pos_xy_std = 3.0
 
-    # Evaluation (bana_jax.evaluate, bana_jax.evaluate_cams) and the ground truth stages 1-2 score on.
+    # Evaluation: bana_jax.evaluate, bana_jax.evaluate_cams, stage 1's closing box accuracy.
     c.eval = ev = ConfigDict()
     ev.split = "val"
     ev.scales = (1.0, 0.5, 0.75, 1.5)
@@ -371,14 +372,11 @@ def config_file(path_or_name: str | Path) -> Path:
                       f"packaged config ({', '.join(config_names())})")
 
 
-def load_config(path: str | Path, arg: str | None = None) -> ConfigDict:
+def load_config(path: str | Path) -> ConfigDict:
     """Imports the config file `path` (a path or a packaged name, see `config_file`) and returns
-    its `get_config()` (or `get_config(arg)`), locked.
-
-    `path` may carry the argument after a colon: `voc/stage1.py:ARG`.
-    """
-    path = str(path)
-    if arg is None and ":" in Path(path).name:
+    its `get_config()`, locked; `voc/stage1.py:ARG` returns `get_config(ARG)`."""
+    path, arg = str(path), None
+    if ":" in Path(path).name:
         path, arg = path.rsplit(":", 1)
     file = config_file(path)
     spec = importlib.util.spec_from_file_location(f"bana_config_{file.stem}", file)
