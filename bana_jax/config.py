@@ -466,8 +466,9 @@ def override(config: ConfigDict, args: Sequence[str]) -> ConfigDict:
 
 
 def apply_overrides(config: ConfigDict, overrides: Iterable[tuple[str, str]]) -> ConfigDict:
-    """`override` with `(field, value)` pairs: what `--config.FIELD=VALUE` does on the command line."""
-    return override(config, [f"--config.{name}={value}" for name, value in overrides])
+    """`override` with `(field, value)` pairs: what `--config.FIELD=VALUE` does on the command line.
+    A field given twice takes the last value (config_flags would join a tuple field's values)."""
+    return override(config, [f"--config.{name}={value}" for name, value in dict(overrides).items()])
 
 
 def shrink_config(config: ConfigDict) -> ConfigDict:

@@ -5,10 +5,10 @@
 Stage 1 (tiny VGG-style labeler with BAP) -> stage 2 (Y_crf, Y_ret, box-fill and GrabCut scored on
 the training images) -> stage 3 (tiny DeepLab with the noise-aware loss on the pseudo labels) ->
 evaluation on the validation images, beside box-fill scored on the same validation images (the
-bar a box-supervised network has to clear). The top-level config is stage 1's (demo/demo.py, a
-packaged config); stages 2 and 3 come from demo/stage2.py and stage3.py, and take from the top level the
-fields that define the dataset (SHARED_FIELDS), so every stage sees the same images and classes.
-`--shrink` shrinks all three.
+bar a box-supervised network has to clear). The top-level config is stage 1's (the packaged
+demo/demo.py); stages 2 and 3 come from demo/stage2.py and stage3.py, and take from the top level
+the fields that define the dataset (SHARED_FIELDS), so every stage sees the same images and
+classes. `--shrink` shrinks all three.
 
 WORKDIR layout: stage1/, stage2/pseudo_labels/ (with visualisations/index.html), stage3/ (model,
 eval_val.json, predictions), report/ (the report's prediction panels), demo_summary.json and
