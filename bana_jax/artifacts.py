@@ -28,7 +28,7 @@ from bana_jax import builders
 from bana_jax import io as bio
 from bana_jax.models.networks import path_names
 from bana_jax.models.torch_import import materialize_rng_state
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 from bana_jax.train.mesh import is_main_process
 
 FORMAT = 1

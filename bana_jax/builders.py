@@ -1,4 +1,4 @@
-"""From a project config (bana_jax.train.config) to the objects a stage needs: data sources,
+"""From a project config (bana_jax.config) to the objects a stage needs: data sources,
 training batch iterators and models. The one place where config fields meet constructors."""
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The `bana` command line.
 
-    bana SUBCOMMAND --config=PATH.py[:ARG] --workdir=DIR [--config.group.field=VALUE ...] [--shrink]
+    bana SUBCOMMAND --config=CONFIG[:ARG] --workdir=DIR [--config.group.field=VALUE ...] [--shrink]
+
+CONFIG is a path or the name of a config shipped with the package (`voc/stage1.py`, as in configs/).
 
 Subcommands dispatch to `main(config, workdir)` in their module:
 
@@ -17,10 +19,10 @@ Subcommands dispatch to `main(config, workdir)` in their module:
     export-torch   bana_jax.export_torch  a trained labeler / DeepLab as an official PyTorch state dict
                    (its own flags: --workdir RUN [--out FILE.pth])
 
-`--config.a.b=v` (or `--config.a.b v`) sets a field; the value is parsed with the field's type
-(booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`). Unknown fields and wrong types fail
-before anything runs. `--shrink` sizes the run for a quick local try; `--print-config` prints
-the resolved config and exits.
+`--config.a.b=v` (or `--config.a.b v`) sets a field, parsed by ml_collections.config_flags with the
+field's type (booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`, and a tuple field given twice
+takes both values). Unknown fields and wrong types fail before anything runs. `--shrink` sizes the run for a quick local try; `--print-config`
+prints the resolved config and exits.
 """
 
 from __future__ import annotations
@@ -51,8 +53,7 @@ SUBCOMMANDS = {
 # Subcommands with their own flags and no config: argv goes to their main(argv).
 OWN_FLAGS = ("compare-torch", "export-torch")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = {"demo": "configs/demo/demo.py"}
+DEFAULT_CONFIGS = {"demo": "demo/demo.py"}
 DEFAULT_WORKDIRS = {"demo": "bana_demo"}
 # Commands that resume work on a workdir and keep its config.json: a re-run must match it.
 CHECKED_WORKDIRS = ("stage1", "stage2", "stage3")
@@ -62,22 +63,12 @@ class CliError(Exception):
     """A usage error: printed as `bana: error: ...`, exit status 2."""
 
 
-def _default_config_path(command: str) -> str | None:
-    relative = DEFAULT_CONFIGS.get(command)
-    if relative is None:
-        return None
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / relative).is_file():
-            return str(base / relative)
-    return str(REPO_ROOT / relative)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bana",
         description="BANA (box-supervised semantic segmentation, CVPR 2021) in JAX.",
         epilog="Config fields: --config.GROUP.FIELD=VALUE, groups data, model, optim, train, "
-               "loss, pseudo, crf, eval (see bana_jax/train/config.py).")
+               "loss, pseudo, crf, eval (see bana_jax/config.py).")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     sub.required = True
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -86,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="Override any config field with --config.GROUP.FIELD=VALUE, e.g. "
                    "--config.train.num_steps=100 --config.data.batch_size=8.")
         default_config = DEFAULT_CONFIGS.get(name)
-        p.add_argument("--config", default=None, required=default_config is None,
-                       metavar="PATH.py[:ARG]",
-                       help="config file defining get_config()"
+        p.add_argument("--config", default=default_config, required=default_config is None,
+                       metavar="CONFIG[:ARG]",
+                       help="config file defining get_config(): a path or a packaged name "
+                            "(e.g. voc/stage1.py)"
                             + (f" (default: {default_config})" if default_config else ""))
         default_workdir = DEFAULT_WORKDIRS.get(name)
         p.add_argument("--workdir", default=default_workdir, required=default_workdir is None,
@@ -105,36 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_overrides(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Separates `--config.a.b=v` / `--config.a.b v` from the other arguments."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--config."):
-            body = arg[len("--config."):]
-            if "=" in body:
-                name, value = body.split("=", 1)
-            else:
-                if i + 1 >= len(args):
-                    raise CliError(f"{arg} needs a value ({arg}=VALUE)")
-                name, value = body, args[i + 1]
-                i += 1
-            if not name:
-                raise CliError(f"{arg}: missing field name")
-            overrides.append((name, value))
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
+def resolve_config(config: str, overrides: Sequence[str], shrink: bool):
+    """Loads `config` (path or name), applies the `--config.a.b=v` arguments `overrides`, shrinks and
+    validates (a ConfigError names the bad field)."""
+    from bana_jax.config import load_config, override, shrink_config, validate_config
 
-
-def resolve_config(config_path: str, overrides: Sequence[tuple[str, str]], shrink: bool):
-    """Loads, overrides, shrinks and validates a config (a ConfigError names the bad field)."""
-    from bana_jax.train.config import (apply_overrides, load_config, shrink_config,
-                                       validate_config)
-    config = load_config(config_path)
-    config = apply_overrides(config, overrides)
+    config = override(load_config(config), overrides)
     if shrink:
         config = shrink_config(config)
     return validate_config(config)
@@ -160,19 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in OWN_FLAGS:
         return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
-    parser = build_parser()
-    try:
-        rest, overrides = split_overrides(argv)
-    except CliError as err:
-        parser.print_usage(sys.stderr)
-        print(f"bana: error: {err}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(rest)  # exits with status 2 on usage errors, 0 on --help
+    # Exits with status 2 on usage errors, 0 on --help; the rest are config overrides.
+    args, overrides = build_parser().parse_known_args(argv)
 
-    from bana_jax.train.config import ConfigError
-    config_path = args.config or _default_config_path(args.command)
+    from bana_jax.config import ConfigError
     try:
-        config = resolve_config(config_path, overrides, args.shrink)
+        config = resolve_config(args.config, overrides, args.shrink)
     except ConfigError as err:
         print(f"bana {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -186,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     stored = Path(args.workdir) / "config.json"
     if args.command in CHECKED_WORKDIRS and not args.force and stored.is_file():
-        from bana_jax.train.config import workdir_config_changes
+        from bana_jax.config import workdir_config_changes
         changes = workdir_config_changes(config, stored.read_text())
         if changes:
             print(f"bana {args.command}: error: {args.workdir} holds a run with another config "

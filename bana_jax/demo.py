@@ -5,10 +5,10 @@
 Stage 1 (tiny VGG-style labeler with BAP) -> stage 2 (Y_crf, Y_ret, box-fill and GrabCut scored on
 the training images) -> stage 3 (tiny DeepLab with the noise-aware loss on the pseudo labels) ->
 evaluation on the validation images, beside box-fill scored on the same validation images (the
-bar a box-supervised network has to clear). The top-level config is stage 1's (configs/demo/demo.py);
-stages 2 and 3 come from configs/demo/stage2.py and stage3.py, and take from the top level the
-fields that define the dataset (SHARED_FIELDS), so every stage sees the same images and classes.
-`--shrink` shrinks all three.
+bar a box-supervised network has to clear). The top-level config is stage 1's (the packaged
+demo/demo.py); stages 2 and 3 come from demo/stage2.py and stage3.py, and take from the top level
+the fields that define the dataset (SHARED_FIELDS), so every stage sees the same images and
+classes. `--shrink` shrinks all three.
 
 WORKDIR layout: stage1/, stage2/pseudo_labels/ (with visualisations/index.html), stage3/ (model,
 eval_val.json, predictions), report/ (the report's prediction panels), demo_summary.json and
@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from bana_jax import io, visualize
-from bana_jax.train.config import load_config, shrink_config, validate_config
+from bana_jax.config import CONFIGS, load_config, shrink_config, validate_config
 
 logger = logging.getLogger("bana_jax.demo")
 
-DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 # Fields that must agree between the stages: they decide which images, sizes and classes exist,
 # and the trunk stage 3 copies from stage 1; `--config.train.seed` reseeds the whole demo.
 SHARED_FIELDS = ("data.synthetic_images", "data.synthetic_size", "data.max_boxes",
@@ -66,7 +65,7 @@ def _set(config, dotted: str, value) -> None:
 def stage_configs(config, *, shrink: bool = False) -> dict:
     """{'stage1', 'stage2', 'stage3'}: the demo's three validated configs.
 
-    `config` is the top-level (stage-1) config; stage 2 and 3 are read from DEMO_CONFIGS, given
+    `config` is the top-level (stage-1) config; stage 2 and 3 are the packaged demo configs, given
     its SHARED_FIELDS and, with `shrink`, shrunk like the top level was by the CLI.
     """
     if config.data.name != "synthetic":
@@ -74,11 +73,7 @@ def stage_configs(config, *, shrink: bool = False) -> dict:
                          "use bana stage1/stage2/stage3 for real data")
     configs = {"stage1": config}
     for stage in ("stage2", "stage3"):
-        path = DEMO_CONFIGS / f"{stage}.py"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: bana demo needs the repository's configs/demo/ "
-                                    "(install with pip install -e . from a clone)")
-        stage_config = load_config(path)
+        stage_config = load_config(f"demo/{stage}.py")
         if shrink:
             stage_config = shrink_config(stage_config)
         with stage_config.unlocked():
@@ -174,7 +169,7 @@ def run(configs: dict, workdir) -> dict:
                    "stage 1 has not learned enough (more steps: --config.train.num_steps)")
     # Command-line overrides reach stage 1 only (the top-level config).
     _warn_if_below(miou, "deeplab", "box_fill_val",
-                   f"stage 3 has not learned enough (more steps: train.num_steps in {DEMO_CONFIGS / 'stage3.py'})")
+                   f"stage 3 has not learned enough (more steps: train.num_steps in {CONFIGS / 'demo/stage3.py'})")
     return summary
 
 

@@ -576,7 +576,7 @@ def main(config, workdir) -> dict:
     20 VOC ones with their VOC weights, the other 60 as unseen classes (`voc_weights_for_coco`).
     COCO data: the labels are also written as RLE instance masks, `OUT/instances_y_crf.json`."""
     from bana_jax import builders
-    from bana_jax.train.config import ConfigError
+    from bana_jax.config import ConfigError
     from bana_jax.train.loop import configure_compilation_cache
 
     if bool(config.pseudo.stage1_workdir) == bool(config.pseudo.labeler):

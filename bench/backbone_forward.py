@@ -30,7 +30,7 @@ from flax import nnx  # noqa: E402
 
 from bana_jax import builders  # noqa: E402
 from bana_jax.models import layers  # noqa: E402
-from bana_jax.train.config import apply_overrides, base_config  # noqa: E402
+from bana_jax.config import apply_overrides, base_config  # noqa: E402
 
 
 def grouped_depthwise(self, x):

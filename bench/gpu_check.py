@@ -110,7 +110,7 @@ def numpy_init(build):
 
 
 def stage1_config(settings, dtype: str):
-    from bana_jax.train.config import apply_overrides, load_config, validate_config
+    from bana_jax.config import apply_overrides, load_config, validate_config
 
     batch = settings.batch["stage1"]
     overrides = [("data.batch_size", str(batch)), ("data.crop_size", str(settings.crop)),
@@ -196,7 +196,7 @@ def torch_stage1(config, batch: dict, steps: int, warmup: int, dtype: str) -> di
 
 
 def stage3_config(settings, arch: str, dtype: str):
-    from bana_jax.train.config import apply_overrides, load_config, validate_config
+    from bana_jax.config import apply_overrides, load_config, validate_config
 
     config = load_config(ROOT / ts.STAGE3_CONFIGS[arch])
     overrides = [("model.init", "none"), ("model.dtype", dtype),
@@ -284,7 +284,7 @@ def random_samples(count: int, hw: tuple[int, int], num_classes: int, seed: int 
 
 def random_labeler(name: str, num_classes: int):
     from bana_jax import builders
-    from bana_jax.train.config import base_config
+    from bana_jax.config import base_config
 
     config = base_config()
     config.model.name, config.model.init, config.model.num_classes = name, "none", num_classes
@@ -295,7 +295,7 @@ def stage2_measurement(settings, out_dir: Path) -> dict:
     """generate_pseudo_labels on the same images `settings.runs` times (the first run compiles),
     the last timed."""
     from bana_jax import stage2
-    from bana_jax.train.config import base_config
+    from bana_jax.config import base_config
 
     set_float32_precision("float32")
     num_classes = 21
@@ -326,7 +326,7 @@ def eval_measurement(settings, full: bool) -> dict:
     compiles), the last timed."""
     from bana_jax import builders
     from bana_jax.evaluate import evaluate_model
-    from bana_jax.train.config import apply_overrides, load_config, validate_config
+    from bana_jax.config import apply_overrides, load_config, validate_config
 
     set_float32_precision("float32")
     overrides = [("model.init", "none")]

@@ -135,7 +135,7 @@ def prepare_weights(args, work: Path) -> Path:
         return target
     # HED VGG16 convs, seeded random fc6 / fc7 / classifier: the same weights on both sides.
     from bana_jax import artifacts, builders
-    from bana_jax.train.config import base_config
+    from bana_jax.config import base_config
 
     config = base_config()
     config.model.name, config.model.init, config.model.num_classes = "vgg16_labeler", "hed_vgg16", 21

@@ -41,7 +41,7 @@ import crf_ext  # noqa: E402
 from bana_jax import baselines, models, stage2  # noqa: E402
 from bana_jax import pseudo_labels as pl  # noqa: E402
 from bana_jax.data.coco import CocoSource  # noqa: E402
-from bana_jax.train.config import base_config  # noqa: E402
+from bana_jax.config import base_config  # noqa: E402
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 OFFICIAL_SECONDS = (13.0, 35.0)  # issue 6: official stage 2 + pydensecrf on this CPU
@@ -108,7 +108,6 @@ def main():
     samples = [source[i] for i in range(args.images)]
     labeler = random_labeler()
     config = base_config()
-    config.stage = "stage2"
     config.pseudo.save_visualisations = False
     sizes = sorted({s["image"].shape[:2] for s in samples})
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus; "

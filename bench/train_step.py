@@ -141,7 +141,7 @@ def jax_step_runner(model, loss_fn, config, batch: dict, mesh):
 def run_stage1(args, parser) -> int:
     from bana_jax import stage1
     from bana_jax.train import mesh as mesh_lib
-    from bana_jax.train.config import apply_overrides, load_config, validate_config
+    from bana_jax.config import apply_overrides, load_config, validate_config
 
     model_name = args.model or "vgg16_labeler"
     if model_name not in STAGE1_MODELS:
@@ -183,7 +183,7 @@ def run_stage1(args, parser) -> int:
 
 
 def stage3_config(args, parser):
-    from bana_jax.train.config import apply_overrides, load_config, validate_config
+    from bana_jax.config import apply_overrides, load_config, validate_config
 
     config = load_config(ROOT / STAGE3_CONFIGS[args.stage3])
     model_name = args.model or config.model.name

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bana_jax import io
-from bana_jax.train import load_config
+from bana_jax.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 48

@@ -89,10 +89,20 @@ def test_dispatch_passes_resolved_config_and_workdir(tmp_path, monkeypatch):
     assert received["config"].is_locked
 
 
-def test_demo_has_default_config_and_workdir(capsys):
+def test_demo_has_default_config_and_workdir(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the packaged configs, not ./configs
     assert cli.main(["demo", "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "stage: demo" in out and "synthetic" in out
+    assert "name: vgg_tiny" in out and "synthetic" in out
+
+
+def test_config_by_packaged_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["stage2", "--config=voc/stage2.py", "--workdir=w", "--print-config"]) == 0
+    assert "bi_xy_std: 55.0" in capsys.readouterr().out
+    assert cli.main(["stage2", "--config=voc/stage9.py", "--workdir=w"]) == 2
+    err = capsys.readouterr().err
+    assert "bana stage2: error: config file 'voc/stage9.py' does not exist" in err and "voc/stage2.py" in err
 
 
 def test_compare_torch_takes_its_own_flags(capsys):

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bana_jax.train.config import (ConfigError, apply_overrides, base_config, load_config,
-                                   shrink_config, validate_config)
+from bana_jax.config import (ConfigError, apply_overrides, base_config, config_names, load_config,
+                             shrink_config, validate_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(CONFIGS.glob("*/*.py"))
@@ -182,12 +182,22 @@ def test_load_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="defines no get_config"):
         load_config(bad)
     with_arg = tmp_path / "with_arg.py"
-    with_arg.write_text("from bana_jax.train.config import base_config\n"
+    with_arg.write_text("from bana_jax.config import base_config\n"
                         "def get_config(arg=None):\n"
                         "    c = base_config()\n"
                         "    c.train.num_steps = int(arg) if arg else 1\n"
                         "    return c\n")
     assert load_config(f"{with_arg}:7").train.num_steps == 7
+
+
+def test_packaged_configs_are_found_by_name(tmp_path, monkeypatch):
+    assert config_names() == [str(p.relative_to(CONFIGS)) for p in ALL_CONFIGS]
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    by_path = load_config(CONFIGS / "voc/stage3_deeplab_v1.py")
+    for name in ("voc/stage3_deeplab_v1.py", "configs/voc/stage3_deeplab_v1.py"):
+        assert load_config(name) == by_path
+    with pytest.raises(ConfigError, match=r"'voc/stage1' does not exist.*voc/stage1\.py, voc/stage2\.py"):
+        load_config("voc/stage1")
 
 
 def test_shrink_scales_the_schedule():

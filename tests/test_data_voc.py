@@ -153,7 +153,7 @@ def test_voc_zero_area_and_inverted_boxes_are_dropped_and_counted(voc_root):
 
 
 def _voc_config(root, skip_bad: str):
-    from bana_jax.train.config import apply_overrides, base_config
+    from bana_jax.config import apply_overrides, base_config
 
     return apply_overrides(base_config(), [("data.name", "voc"), ("data.root", str(root)),
                                            ("data.split", "train_aug"), ("data.skip_bad", skip_bad)])
@@ -445,7 +445,7 @@ def test_coco_broken_category_table_always_fails(coco_root):
 def _coco_subset_source(root, field: str, value: str):
     """builders.data_source of a coco_subset config on `root` with data.`field` = `value`."""
     from bana_jax import builders
-    from bana_jax.train.config import apply_overrides, base_config
+    from bana_jax.config import apply_overrides, base_config
 
     return builders.data_source(apply_overrides(base_config(), [
         ("data.name", "coco_subset"), ("data.images", str(root / "train2017")),

@@ -16,7 +16,7 @@ from PIL import Image
 
 from bana_jax import baselines, builders, cli, demo, visualize
 from bana_jax import io as bio
-from bana_jax.train.config import apply_overrides, load_config, validate_config
+from bana_jax.config import apply_overrides, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "demo.py"
@@ -67,7 +67,7 @@ def test_summary_matches_what_the_stages_wrote(demo_run):
     assert set(summary["seconds"]) == {"stage1", "stage2", "stage3", "evaluate", "total"}
     assert summary["seconds"]["total"] >= sum(summary["seconds"][s] for s in ("stage1", "stage2", "stage3"))
 
-    configs = demo.stage_configs(cli.resolve_config(str(DEMO), [("data.synthetic_size", "48")], shrink=True),
+    configs = demo.stage_configs(cli.resolve_config(str(DEMO), ["--config.data.synthetic_size=48"], shrink=True),
                                  shrink=True)
     num_classes = configs["stage1"].model.num_classes
     train = builders.data_source(configs["stage2"], "train")
@@ -128,7 +128,7 @@ def test_report_and_table(demo_run):
     for key, title in demo.ROWS:
         assert f"<tr><td>{html.escape(title)}</td><td>{summary['miou'][key]:.1f}</td></tr>" in text, title
     # IoU per class on val: a row per class, in class-id order (the JSON's keys are sorted).
-    configs = demo.stage_configs(cli.resolve_config(str(DEMO), [("data.synthetic_size", "48")], shrink=True),
+    configs = demo.stage_configs(cli.resolve_config(str(DEMO), ["--config.data.synthetic_size=48"], shrink=True),
                                  shrink=True)
     rows = [f"<tr><td>{name}</td><td>{demo._cell(summary['per_class_val'][name]['deeplab'])}</td>"
             f"<td>{demo._cell(summary['per_class_val'][name]['box_fill_val'])}</td></tr>"
@@ -145,7 +145,7 @@ def test_report_shows_predictions_beside_the_ground_truth(demo_run):
     """The first validation images, each as image | ground truth | the DeepLab's saved prediction."""
     workdir, _ = demo_run
     text = (workdir / "index.html").read_text()
-    configs = demo.stage_configs(cli.resolve_config(str(DEMO), [("data.synthetic_size", "48")], shrink=True),
+    configs = demo.stage_configs(cli.resolve_config(str(DEMO), ["--config.data.synthetic_size=48"], shrink=True),
                                  shrink=True)
     val = builders.data_source(configs["stage3"], "val", max_images=int(configs["stage3"].eval.max_images))
     shown = min(demo.REPORT_SCENES, len(val))

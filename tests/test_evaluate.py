@@ -258,7 +258,7 @@ def test_cli_stage3_then_evaluate(pseudo_dir, cache_dir, tmp_path):
     assert record["size_bucket"] == 64
     assert cli.main(["evaluate", *args, "--config.eval.size_bucket=0"]) == 0
     exact = json.loads((tmp_path / "eval_val.json").read_text())
-    config = cli.resolve_config(str(config_file), cli.split_overrides(args[2:])[1], False)
+    config = cli.resolve_config(str(config_file), args[2:], False)
     expected = evaluate.evaluate_model(stage3.load_trained_deeplab(tmp_path),
                                        builders.data_source(config, "val", max_images=0), config,
                                        bucket=0, progress=False)

@@ -15,7 +15,7 @@ from bana_jax import cli, export_torch, models, stage2  # noqa: E402
 from bana_jax.data.synthetic import SyntheticSource  # noqa: E402
 from bana_jax.stage1 import export_labeler  # noqa: E402
 from bana_jax.stage3 import save_trained_deeplab  # noqa: E402
-from bana_jax.train.config import base_config  # noqa: E402
+from bana_jax.config import base_config  # noqa: E402
 
 TINY, TINY_FC = (8, 16, 32, 32, 32), 64
 NUM_CLASSES, SIZE = 4, 48
@@ -49,7 +49,6 @@ def randomised(factory, seed):
 
 def tiny_config(stage: str, name: str = "vgg_tiny"):
     config = base_config()
-    config.stage = stage
     config.data.name = "synthetic"
     config.model.name = name
     config.model.num_classes = NUM_CLASSES
@@ -178,7 +177,6 @@ def test_export_errors_are_clear(tmp_path, capsys, case, message):
 
 def stage2_config(tmp_path, **pseudo):
     config = base_config()
-    config.stage = "stage2"
     config.model.num_classes = NUM_CLASSES
     config.data.name = "synthetic"
     config.data.synthetic_images, config.data.synthetic_size = 3, SIZE

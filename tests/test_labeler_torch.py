@@ -18,7 +18,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from bana_jax import bap, stage1  # noqa: E402
 from bana_jax.models import Labeler  # noqa: E402
 from bana_jax.models.torch_import import load_checkpoint  # noqa: E402
-from bana_jax.train.config import base_config  # noqa: E402
+from bana_jax.config import base_config  # noqa: E402
 
 TINY, FC_DIM, C = (8, 16, 32, 32, 32), 64, 5
 S_H, S_W = 81, 97  # crop; the tiny VGG (stride 8) gives 11 x 13 features

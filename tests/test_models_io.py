@@ -12,7 +12,7 @@ from bana_jax import artifacts, builders  # noqa: E402
 from bana_jax.models import DeepLab  # noqa: E402
 from bana_jax.models.torch_import import load_checkpoint, torch_state_dict  # noqa: E402
 from bana_jax.models.torch_io import read_state_dict, read_torch_file_numpy  # noqa: E402
-from bana_jax.train.config import base_config  # noqa: E402
+from bana_jax.config import base_config  # noqa: E402
 
 TINY = (8, 16, 32, 32, 32)
 

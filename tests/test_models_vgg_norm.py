@@ -10,7 +10,7 @@ from flax import nnx
 from bana_jax import artifacts, builders
 from bana_jax.models import DeepLab, layers, make_backbone, vgg
 from bana_jax.stage1 import export_labeler
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 TINY = vgg.TINY_WIDTHS
 BLOCK_CONVS = [f"conv{b}_{i}" for b, n in enumerate(vgg.CONVS_PER_BLOCK, start=1) for i in range(1, n + 1)]
@@ -70,9 +70,8 @@ def test_vgg_norm_is_checked_and_only_for_vgg():
                                        resnet_base_width=8, aspp_dim=8, rngs=nnx.Rngs(0)))
 
 
-def tiny_config(stage: str, vgg_norm: str):
+def tiny_config(vgg_norm: str):
     config = base_config()
-    config.stage = stage
     config.data.name = "synthetic"
     config.model.name = "vgg_tiny"
     config.model.num_classes = 5
@@ -83,15 +82,15 @@ def tiny_config(stage: str, vgg_norm: str):
 
 def test_config_builds_both_networks_with_the_norm():
     for vgg_norm, has_bn in (("none", False), ("batch", True)):
-        labeler = nnx.eval_shape(lambda: builders.build_labeler(tiny_config("stage1", vgg_norm)))
-        deeplab = nnx.eval_shape(lambda: builders.build_deeplab(tiny_config("stage3", vgg_norm)))
+        labeler = nnx.eval_shape(lambda: builders.build_labeler(tiny_config(vgg_norm)))
+        deeplab = nnx.eval_shape(lambda: builders.build_deeplab(tiny_config(vgg_norm)))
         assert hasattr(labeler.backbone, "bn3_3") == has_bn == hasattr(deeplab.backbone, "bn3_3")
 
 
 def test_stage1_init_brings_batch_norm_statistics(tmp_path):
     """`model.init=<stage-1 workdir>` copies the labeler's trunk into the DeepLab: its weights and
     its BatchNorm running statistics (without them, eval mode would normalise with fresh ones)."""
-    stage1 = tiny_config("stage1", "batch")
+    stage1 = tiny_config("batch")
     labeler = builders.build_labeler(stage1)
     rng = np.random.default_rng(5)
     for name in BLOCK_CONVS:
@@ -100,7 +99,7 @@ def test_stage1_init_brings_batch_norm_statistics(tmp_path):
         bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=bn.var.shape), jnp.float32)
     export_labeler(labeler, stage1, tmp_path, step=1)
 
-    stage3 = tiny_config("stage3", "batch")
+    stage3 = tiny_config("batch")
     stage3.model.init = str(tmp_path)
     deeplab = artifacts.init_weights(builders.build_deeplab(stage3), stage3)
     expected = nnx.to_pure_dict(nnx.state(labeler.backbone, (nnx.Param, nnx.BatchStat)))
@@ -114,12 +113,12 @@ def test_stage1_init_brings_batch_norm_statistics(tmp_path):
 def test_stage1_init_head_copies_the_classifier_only_when_asked(tmp_path):
     """`model.init_head` starts the stage-3 classifier from the labeler's `w_c`; without it the head
     keeps its own random init. It needs a stage-1 workdir and a classifier of the same shape."""
-    stage1 = tiny_config("stage1", "batch")
+    stage1 = tiny_config("batch")
     labeler = builders.build_labeler(stage1)
     labeler.classifier.kernel[...] = jnp.asarray(
         np.random.default_rng(3).normal(size=labeler.classifier.kernel.shape), jnp.float32)
     export_labeler(labeler, stage1, tmp_path, step=1)
-    stage3 = tiny_config("stage3", "batch")
+    stage3 = tiny_config("batch")
     stage3.model.init = str(tmp_path)
 
     plain = artifacts.init_weights(builders.build_deeplab(stage3), stage3)

@@ -10,7 +10,7 @@ from PIL import Image
 from bana_jax import builders, cli
 from bana_jax.data import loader
 from bana_jax.data.transforms import AugmentConfig
-from bana_jax.train.config import ConfigError, apply_overrides, load_config, validate_config
+from bana_jax.config import ConfigError, apply_overrides, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo" / "stage1.py")

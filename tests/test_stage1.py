@@ -13,7 +13,7 @@ from flax import nnx
 from bana_jax import artifacts, bap, builders, cli, evaluate_cams, stage1
 from bana_jax.models import param_group_labels
 from bana_jax.train import mesh as mesh_lib
-from bana_jax.train.config import apply_overrides, load_config, validate_config
+from bana_jax.config import apply_overrides, load_config, validate_config
 from bana_jax.train.loop import configure_compilation_cache
 from bana_jax.train.optim import make_optimizer
 from bana_jax.train.state import create_train_state, jit_train_step, label_tree, make_train_step
@@ -134,8 +134,7 @@ def test_cli_run_resume_and_evaluate_cams(cache_dir, tmp_path, capsys):
     assert records[-1]["step"] == steps and np.isfinite(records[-1]["loss"])
 
     # The same run cut off after 3 steps, then started again on its workdir.
-    _, overrides = cli.split_overrides(stage1_args(full, cache_dir, steps)[4:])
-    config = cli.resolve_config(DEMO, overrides, shrink=True)
+    config = cli.resolve_config(DEMO, stage1_args(full, cache_dir, steps)[4:], shrink=True)
     split = tmp_path / "split"
     cut = stage1.main(config, split, stop_after=3)
     assert cut["step"] == 3 and not (split / "model").exists()

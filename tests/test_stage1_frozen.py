@@ -14,7 +14,7 @@ from flax import nnx
 from bana_jax import artifacts, bap, builders, stage1, stage1_frozen
 from bana_jax.data import sampling
 from bana_jax.feature_cache import FeatureCache, image_fingerprint
-from bana_jax.train.config import apply_overrides, load_config, validate_config
+from bana_jax.config import apply_overrides, load_config, validate_config
 from bana_jax.train.loop import configure_compilation_cache
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "stage1.py")

@@ -27,7 +27,7 @@ from bana_jax import models, stage2
 from bana_jax import pseudo_labels as pl
 from bana_jax.data.synthetic import SyntheticSource
 from bana_jax.data.transforms import caffe_normalize
-from bana_jax.train.config import ConfigError, base_config
+from bana_jax.config import ConfigError, base_config
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4  # background + 3 synthetic shapes
@@ -38,7 +38,6 @@ RECT = (10, 12, 29, 35)  # rows 10..29, cols 12..35 (inclusive) of the hand-buil
 
 def make_config():
     config = base_config()
-    config.stage = "stage2"
     config.model.num_classes = NUM_CLASSES
     config.pseudo.box_convention = "pixels"  # the tests below check which pixels a box covers
     return config
@@ -343,7 +342,7 @@ KILLED_RUN = textwrap.dedent("""
     from test_stage2 import make_labeler
     from bana_jax import stage2
     from bana_jax.data.synthetic import SyntheticSource
-    from bana_jax.train.config import base_config
+    from bana_jax.config import base_config
 
     class Slow:
         def __init__(self):
@@ -465,7 +464,7 @@ def run_main_on_coco(coco_photos, annotations, workdir, classes):
     """stage2.main on the coco_subset config with a tiny random VOC labeler (21 classes) standing
     in for the stage-1 export. Returns the config, the labeler, the CRF calls (input and output per
     image size) and stage2's log records."""
-    from bana_jax.train.config import load_config
+    from bana_jax.config import load_config
 
     labeler = make_labeler(seed=3, num_classes=21)
     config = load_config(REPO / "configs/coco_subset/stage2.py")

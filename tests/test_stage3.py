@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 from bana_jax import builders, stage3
+from bana_jax.config import load_config
 from bana_jax.losses import segmentation_loss
-from bana_jax.train import load_config, make_data_mesh
+from bana_jax.train import make_data_mesh
 from stage3_common import REPO, SIZE, demo_config, write_pseudo_labels
 
 NUM_STEPS = 30

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from bana_jax.train import mesh as mesh_lib
-from bana_jax.train.config import base_config, validate_config
+from bana_jax.config import base_config, validate_config
 from bana_jax.train.loop import train_loop
 from bana_jax.train.optim import make_optimizer
 from bana_jax.train.state import create_train_state, jit_train_step, label_tree, make_train_step

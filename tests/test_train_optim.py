@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 from bana_jax.train.optim import check_labels, make_optimizer, make_schedule
 
 GROUPS = {  # name: (lr_mult, weight_decay), deliberately not the defaults

@@ -1,8 +1,6 @@
 """Training machinery shared by stage 1 and stage 3: mesh, optimizer, state, checkpoints, loop."""
 
 from bana_jax.train.checkpoint import Checkpointer
-from bana_jax.train.config import (ConfigError, apply_overrides, base_config, load_config,
-                                   shrink_config, validate_config)
 from bana_jax.train.loop import TrainResult, configure_compilation_cache, train_loop
 from bana_jax.train.mesh import (batch_sharding, is_main_process, make_data_mesh,
                                  maybe_initialize_distributed, replicated_sharding, shard_batch)
@@ -11,10 +9,8 @@ from bana_jax.train.state import (TrainState, create_train_state, jit_train_step
                                   make_train_step, merge_model)
 
 __all__ = [
-    "Checkpointer", "ConfigError", "GROUP_NAMES", "TrainResult", "TrainState",
-    "apply_overrides", "base_config", "batch_sharding", "configure_compilation_cache",
-    "create_train_state", "is_main_process", "jit_train_step", "label_tree", "load_config",
-    "make_data_mesh", "make_optimizer", "make_schedule", "make_train_step",
-    "maybe_initialize_distributed", "merge_model", "replicated_sharding", "shard_batch",
-    "shrink_config", "train_loop", "validate_config",
+    "Checkpointer", "GROUP_NAMES", "TrainResult", "TrainState", "batch_sharding",
+    "configure_compilation_cache", "create_train_state", "is_main_process", "jit_train_step",
+    "label_tree", "make_data_mesh", "make_optimizer", "make_schedule", "make_train_step",
+    "maybe_initialize_distributed", "merge_model", "replicated_sharding", "shard_batch", "train_loop",
 ]

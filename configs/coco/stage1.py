@@ -7,12 +7,11 @@ Optimisation as VOC stage 1 (the paper gives no separate COCO schedule); boxes p
 capped at `data.max_boxes` (COCO images have up to ~90 objects).
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage1"
     config.data.name = "coco"
     config.data.root = ""                  # folder with train2017/ and annotations/
     config.data.split = "train2017"

@@ -17,12 +17,11 @@ The paper's recipe (VGG16, every layer trained, random crops) is configs/voc/sta
 --config.model.init=hed_vgg16` with a crop size and a learning rate for that network.
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage1"
     config.data.name = "coco_subset"
     config.data.images = ""
     config.data.annotations = ""

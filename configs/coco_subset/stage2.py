@@ -8,21 +8,17 @@
 Pseudo labels are scored against the masks in the annotations (as BANA does on VOC train).
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage2"
     config.data.name = "coco_subset"
     config.data.images = ""
     config.data.annotations = ""
     config.data.classes = "voc"
-    config.data.batch_size = 1
 
-    config.model.name = "vgg16_labeler"
-    config.model.init = "none"             # weights from the stage-1 checkpoint
-    config.model.num_classes = 21
+    config.model.num_classes = 21          # for scoring; the network is the stage-1 run's
 
     config.pseudo.stage1_workdir = ""
     config.pseudo.split = "train"
@@ -36,5 +32,4 @@ def get_config():
     config.crf.bi_rgb_std = 3.0
     config.crf.pos_w = 3.0
     config.crf.pos_xy_std = 3.0
-    config.eval.split = "train"
     return config

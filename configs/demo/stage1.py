@@ -4,12 +4,11 @@ Used by `bana demo` (configs/demo/demo.py) and runnable alone:
     bana stage1 --config=configs/demo/stage1.py --workdir=/tmp/demo_stage1
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage1"
     config.data.name = "synthetic"
     config.data.split = "train"
     config.data.synthetic_images = 64

@@ -7,12 +7,11 @@ with `model.init_head` its classifier starts the DeepLab's. Run alone, pass the 
         --config.model.init=/tmp/demo_stage1 --config.data.pseudo_labels=/tmp/demo_stage2/pseudo_labels
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage3"
     config.data.name = "synthetic"
     config.data.split = "train"
     config.data.synthetic_images = 64

@@ -3,15 +3,14 @@
     bana stage1 --config=configs/voc/stage1.py --workdir=runs/voc_stage1 \
         --config.data.root=/data/VOC2012
 
-Field reference: bana_jax/train/config.py. `--config.loss.pooling=gap` trains the GAP baseline.
+Field reference: bana_jax/config.py. `--config.loss.pooling=gap` trains the GAP baseline.
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage1"
 
     config.data.name = "voc"
     config.data.root = ""                 # VOC2012 folder with JPEGImages/, Annotations/, ...

@@ -8,21 +8,15 @@ official `[bi_w 4, bi_xy_std 55, bi_rgb_std 3, pos_w 3, pos_xy_std 3]`, 10 itera
 `--config.pseudo.use_u0=false` gives the "without u_0" ablation.
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage2"
     config.data.name = "voc"
     config.data.root = ""
-    config.data.split = "train_aug"
-    config.data.batch_size = 1
 
-    config.model.name = "vgg16_labeler"   # weights come from the stage-1 checkpoint
-    config.model.init = "none"
-    config.model.num_classes = 21
-    config.model.fc6_dilation = 1
+    config.model.num_classes = 21          # for scoring; the network is the stage-1 run's
 
     config.pseudo.stage1_workdir = ""
     config.pseudo.split = "train_aug"
@@ -38,5 +32,4 @@ def get_config():
     config.crf.pos_w = 3.0
     config.crf.pos_xy_std = 3.0
 
-    config.eval.split = "train_aug"        # pseudo-label mIoU against the ground truth
     return config

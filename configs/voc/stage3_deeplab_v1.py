@@ -9,12 +9,11 @@ cosine classifier tau 20; NAL gamma 7, lambda 0.1. Evaluation: 4 scales x flip, 
 `[4, 121, 5, 3, 3]`. Loss variants: --config.loss.name=ce_s|ce_crf|ce_ret|er|bs.
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage3"
     config.data.name = "voc"
     config.data.root = ""
     config.data.split = "train_aug"

@@ -9,12 +9,11 @@ lr 2.5e-4, batch 10, crop 321, 20000 iterations, poly 0.9; backbone 1x, ASPP + c
 is frozen by default); cosine classifier tau 20; evaluation CRF `[4, 67, 3, 3, 1]`.
 """
 
-from bana_jax.train.config import base_config
+from bana_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.stage = "stage3"
     config.data.name = "voc"
     config.data.root = ""
     config.data.split = "train_aug"
