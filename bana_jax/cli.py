@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stored = Path(args.workdir) / "config.json"
     if args.command in CHECKED_WORKDIRS and not args.force and stored.is_file():
         from bana_jax.config import workdir_config_changes
-        changes = workdir_config_changes(config, stored.read_text())
+        changes = workdir_config_changes(config, stored.read_text(), args.command)
         if changes:
             print(f"bana {args.command}: error: {args.workdir} holds a run with another config "
                   f"({stored}); these fields differ:\n  " + "\n  ".join(changes)

@@ -347,14 +347,29 @@ RESUME_SAFE_PREFIXES = ("train.num_steps", "train.log_every", "train.checkpoint_
                         "eval.")
 
 
-def workdir_config_changes(config: ConfigDict, stored_json: str) -> list[str]:
+# Stage 2 reads only these (its labeler comes from pseudo.stage1_workdir / pseudo.labeler), so a
+# difference elsewhere (model.init, optim.*, data.split, ...) does not change its labels.
+STAGE2_RESULT_PREFIXES = ("data.name", "data.root", "data.images", "data.annotations", "data.classes",
+                          "data.max_images", "data.skip_bad", "data.convert_modes", "data.source",
+                          "data.prepared_dir", "data.synthetic_images", "data.synthetic_size",
+                          "model.num_classes", "pseudo.", "crf.")
+
+
+def workdir_config_changes(config: ConfigDict, stored_json: str, command: str = "") -> list[str]:
     """`'field: stored -> new'` for every field that differs from a workdir's `config.json`
-    (`stored_json`) and would change the result (not in RESUME_SAFE_PREFIXES). Fields the stored
-    config lacks (written by an older version) are not compared."""
+    (`stored_json`) and would change the result of `bana COMMAND` (not in RESUME_SAFE_PREFIXES;
+    for stage 2, only STAGE2_RESULT_PREFIXES). Fields the stored config lacks (written by an older
+    version) are not compared."""
     stored = _flatten(json.loads(stored_json))
     new = _flatten(json.loads(config.to_json_best_effort()))
+
+    def changes_result(name: str) -> bool:
+        if command == "stage2":
+            return name.startswith(STAGE2_RESULT_PREFIXES) and not name.startswith(RESUME_SAFE_PREFIXES)
+        return not name.startswith(RESUME_SAFE_PREFIXES)
+
     return [f"{name}: {stored[name]!r} -> {value!r}" for name, value in sorted(new.items())
-            if name in stored and stored[name] != value and not name.startswith(RESUME_SAFE_PREFIXES)]
+            if name in stored and stored[name] != value and changes_result(name)]
 
 
 def config_names() -> list[str]:
