@@ -219,26 +219,6 @@ def read_index_png(path) -> np.ndarray:
         raise DataError(path, f"truncated or corrupt image ({e})") from None
 
 
-def make_sample(image, boxes, box_labels, label, sample_id, bg_mask=None) -> dict:
-    """Assemble and check a sample dict (see module docstring)."""
-    image = np.asarray(image, np.uint8)
-    h, w = image.shape[:2]
-    if image.shape != (h, w, 3):
-        raise ValueError(f"{sample_id}: image shape {image.shape}, expected (H, W, 3)")
-    label = np.asarray(label, np.uint8)
-    if label.shape != (h, w):
-        raise DataError(sample_id, f"label shape {label.shape} differs from image {(h, w)}")
-    s = dict(image=image, boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
-             box_labels=np.asarray(box_labels, np.int32).reshape(-1), label=label,
-             id=str(sample_id))
-    if bg_mask is not None:
-        bg_mask = np.asarray(bg_mask, np.uint8)
-        if bg_mask.shape != (h, w):
-            raise DataError(sample_id, f"bg mask shape {bg_mask.shape} differs from image {(h, w)}")
-        s["bg_mask"] = bg_mask
-    return s
-
-
 def skip_or_raise(error: DataError, skip_bad: bool, stats: BoxStats) -> None:
     """Raise `error`, or with `skip_bad` log it and list it in `stats.skipped_samples`, once per
     file and reason (in each process)."""

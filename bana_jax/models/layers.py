@@ -8,7 +8,6 @@ running variance is the unbiased batch variance), so imported checkpoints behave
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +210,3 @@ def check_images(images: jax.Array, name: str = "images") -> None:
     """Raise a ValueError unless `images` is `(B, H, W, 3)`."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{name} must be (B, H, W, 3) Caffe-normalised BGR, got shape {images.shape}")
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

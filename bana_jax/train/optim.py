@@ -13,7 +13,7 @@ routed by `optax.multi_transform` over a label pytree (one group name per parame
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -105,14 +105,3 @@ def check_labels(labels: Any, params: Any, known: Mapping[str, Any] | tuple[str,
             raise ValueError(
                 f"param_labels{path} = {label!r} is not a configured group; "
                 f"expected one of {known} (optim.groups)")
-
-
-def group_learning_rates(optim_config, schedule: optax.Schedule,
-                         step: int) -> dict[str, float]:
-    """The effective learning rate of each group at iteration `step` (for logging)."""
-    base = float(schedule(step))
-    return {name: base * float(optim_config.groups[name].lr_mult)
-            for name in optim_config.groups.keys()}
-
-
-LabelFn = Callable[[Any], Any]
