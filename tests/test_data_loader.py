@@ -8,7 +8,7 @@ import pytest
 from bana_jax import builders
 from bana_jax.data import loader, synthetic, transforms
 from bana_jax.data.common import DataError
-from bana_jax.train.config import apply_overrides, base_config
+from bana_jax.config import apply_overrides, base_config
 
 LOADER = dict(aug=transforms.AugmentConfig(crop_size=32), batch_size=2, max_boxes=3, seed=7)
 
