@@ -9,7 +9,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# As the `bana` CLI does (bana_jax.cli): threefry's partitionable lowering compiles ~6x slower on
+# As the `bana` CLI does (bana_jax.cli): threefry's partitionable lowering compiles far slower on
 # the CPU; the classic one gives sharding-independent values too.
 jax.config.update("jax_threefry_partitionable", False)
 
