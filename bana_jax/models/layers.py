@@ -198,12 +198,9 @@ class BatchNorm(nnx.Module):
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """`F.normalize(x, dim=axis)`: x / max(||x||, eps), with a finite gradient at x = 0."""
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    # sqrt's gradient at 0 is infinite (and 0 * inf = NaN): sqrt only sees positive values. Away
-    # from 0 these are the operations of max(sqrt(sq), eps), so values and gradients keep their bits.
-    positive = sq > 0
-    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-    return x / jnp.maximum(norm, eps)
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    # sqrt(max(sq, eps^2)) == max(sqrt(sq), eps); the max keeps sqrt away from 0 for the gradient.
+    return x / jnp.sqrt(jnp.maximum(sq, eps * eps))
 
 
 def check_images(images: jax.Array, name: str = "images") -> None:
