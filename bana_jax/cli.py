@@ -21,8 +21,8 @@ Subcommands dispatch to `main(config, workdir)` in their module:
 
 `--config.a.b=v` (or `--config.a.b v`) sets a field, parsed by ml_collections.config_flags with the
 field's type (booleans: true/false; tuples: `(1.0,0.5)` or `1.0,0.5`, and a tuple field given twice
-takes both values). Unknown fields and wrong types fail before anything runs. `--shrink` sizes the run for a quick local try; `--print-config`
-prints the resolved config and exits.
+takes both values). Unknown fields and wrong types fail before anything runs. `--shrink` sizes the
+run for a quick local try; `--print-config` prints the resolved config and exits.
 """
 
 from __future__ import annotations
