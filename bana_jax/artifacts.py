@@ -26,9 +26,10 @@ from flax import nnx
 
 from bana_jax import builders
 from bana_jax import io as bio
-from bana_jax.models.networks import path_names
-from bana_jax.models.torch_import import materialize_rng_state
 from bana_jax.config import base_config
+from bana_jax.models.networks import path_names
+from bana_jax.models.pretrained import load_efficientnet_lite0, load_hed_vgg16
+from bana_jax.models.torch_import import load_checkpoint, materialize_rng_state
 from bana_jax.train.mesh import is_main_process
 
 FORMAT = 1
@@ -186,12 +187,8 @@ def init_weights(model: nnx.Module, config) -> nnx.Module:
     if init == "none":
         return model
     if init == "hed_vgg16":
-        from bana_jax.models.pretrained import load_hed_vgg16
-
         return load_hed_vgg16(model)
     if init == "imagenet":
-        from bana_jax.models.pretrained import load_efficientnet_lite0
-
         return load_efficientnet_lite0(model)
     if not path.exists():
         raise FileNotFoundError(f"model.init={init!r}: no such file or directory "
@@ -201,7 +198,6 @@ def init_weights(model: nnx.Module, config) -> nnx.Module:
     if path.is_dir():
         weights = path / MODEL_DIR if (path / MODEL_JSON).is_file() else path
         return fill_variables(model, restore(weights), str(weights))
-    from bana_jax.models.torch_import import load_checkpoint
 
     return load_checkpoint(model, str(path))
 

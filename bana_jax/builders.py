@@ -8,8 +8,13 @@ from pathlib import Path
 
 import jax
 
+from bana_jax import models
 from bana_jax.constants import VOC_CLASSES
 from bana_jax.data import loader, sampling, transforms
+from bana_jax.data.coco import CocoSource
+from bana_jax.data.synthetic import MAX_CLASSES, SPLIT_SEEDS, SyntheticConfig, SyntheticSource
+from bana_jax.data.synthetic import class_names as synthetic_names
+from bana_jax.data.voc import VocSource
 
 LABELER_BACKBONES = {"vgg16_labeler": "vgg16", "vgg_tiny": "tiny", "efficientnet_lite0_labeler": "efficientnet_lite0"}
 DEEPLAB_ARCHS = {"deeplab_v1": "v1", "deeplab_v2": "v2", "vgg_tiny": "tiny", "efficientnet_lite0": "efficientnet_lite0"}
@@ -58,8 +63,6 @@ class _NamedSource:
 
 def synthetic_settings(config, split: str):
     """The generator settings (`synthetic.SyntheticConfig`) of `split` of the synthetic data."""
-    from bana_jax.data.synthetic import SPLIT_SEEDS, SyntheticConfig
-
     if split not in SPLIT_SEEDS:
         raise ValueError(f"synthetic data has splits {sorted(SPLIT_SEEDS)}, got split={split!r}")
     return SyntheticConfig(num_images=config.data.synthetic_images or 200,
@@ -71,20 +74,15 @@ def _reader(config, split: str):
     """The reader of all of `split` that data.source and data.name select (raw samples)."""
     data = config.data
     if data.source == "tfds":  # the records `bana prepare` wrote: the same samples, same order
-        from bana_jax import prepare
+        from bana_jax import prepare  # needs tensorflow_datasets (heavy): only for data.source='tfds'
 
         return prepare.prepared_source(config, split)
     if data.name == "synthetic":
-        from bana_jax.data.synthetic import SyntheticSource
-
         return SyntheticSource(synthetic_settings(config, split))
     if data.name == "voc":
-        from bana_jax.data.voc import VocSource
-
         return VocSource(data.root, split=split, skip_bad=data.skip_bad, convert_modes=data.convert_modes)
     if data.name not in ("coco", "coco_subset"):
         raise ValueError(f"unknown data.name {data.name!r}")
-    from bana_jax.data.coco import CocoSource
 
     options = dict(classes=data.classes, skip_bad=data.skip_bad, convert_modes=data.convert_modes)
     if data.name == "coco":
@@ -153,16 +151,12 @@ def synthetic_classes(config) -> int:
     A 21-way (VOC-sized) model on synthetic data sees objects of classes 1..6 only; its other
     class weights are trained as negatives.
     """
-    from bana_jax.data.synthetic import MAX_CLASSES
-
     return max(1, min(config.model.num_classes - 1, MAX_CLASSES))
 
 
 def class_names(config) -> tuple[str, ...]:
     """Names of class ids 0..model.num_classes - 1 (synthetic: unused ids are 'unused_<id>')."""
     if config.data.name == "synthetic":
-        from bana_jax.data.synthetic import class_names as synthetic_names
-
         names = synthetic_names(synthetic_classes(config))
         return names + tuple(f"unused_{i}" for i in range(len(names), config.model.num_classes))
     return VOC_CLASSES if config.data.classes == "voc" else tuple(data_source(config).class_names)
@@ -190,8 +184,6 @@ def training_batches(config, source=None):
 
 def build_labeler(config):
     """The stage-1 network of `config.model` (random init; `artifacts.init_weights` loads model.init)."""
-    from bana_jax import models
-
     if config.model.name not in LABELER_BACKBONES:
         raise ValueError(f"model.name for stage 1 must be one of {sorted(LABELER_BACKBONES)}, got {config.model.name!r}")
     return models.build_labeler(dict(backbone=LABELER_BACKBONES[config.model.name], num_classes=config.model.num_classes,
@@ -202,8 +194,6 @@ def build_labeler(config):
 
 def build_deeplab(config):
     """The stage-3 network of `config.model` (random init; `artifacts.init_weights` loads model.init)."""
-    from bana_jax import models
-
     if config.model.name not in DEEPLAB_ARCHS:
         raise ValueError(f"model.name for stage 3 must be one of {sorted(DEEPLAB_ARCHS)}, got {config.model.name!r}")
     return models.build_deeplab(dict(arch=DEEPLAB_ARCHS[config.model.name], num_classes=config.model.num_classes,

@@ -34,6 +34,17 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from bana_jax import io as bio
+from bana_jax.config import (
+    ConfigError,
+    load_config,
+    override,
+    shrink_config,
+    validate_config,
+    workdir_config_changes,
+)
+from bana_jax.data.common import DataError
+
 SUBCOMMANDS = {
     # name: (module, help)
     "demo": ("bana_jax.demo", "run the whole method on the embedded synthetic dataset"),
@@ -100,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(config: str, overrides: Sequence[str], shrink: bool):
     """Loads `config` (path or name), applies the `--config.a.b=v` arguments `overrides`, shrinks and
     validates (a ConfigError names the bad field)."""
-    from bana_jax.config import load_config, override, shrink_config, validate_config
-
     config = override(load_config(config), overrides)
     if shrink:
         config = shrink_config(config)
@@ -131,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Exits with status 2 on usage errors, 0 on --help; the rest are config overrides.
     args, overrides = build_parser().parse_known_args(argv)
 
-    from bana_jax.config import ConfigError
     try:
         config = resolve_config(args.config, overrides, args.shrink)
     except ConfigError as err:
@@ -147,7 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     stored = Path(args.workdir) / "config.json"
     if args.command in CHECKED_WORKDIRS and not args.force and stored.is_file():
-        from bana_jax.config import workdir_config_changes
         changes = workdir_config_changes(config, stored.read_text(), args.command)
         if changes:
             print(f"bana {args.command}: error: {args.workdir} holds a run with another config "
@@ -155,7 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + "\nUse a new --workdir to start over, or --force to resume with this config.",
                   file=sys.stderr)
             return 2
-    from bana_jax import io as bio
     try:
         bio.check_writable(Path(args.workdir))
     except OSError as err:
@@ -165,15 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # force: importing orbax (absl) has already configured the root logger at WARNING.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-    import jax
+    import jax  # heavy: only once the config is valid, so a bad one fails at once
+
     # The partitionable threefry lowering compiles far slower on the CPU (seconds per random op);
     # the classic one is just as independent of the sharding, so results do not change with it.
     jax.config.update("jax_threefry_partitionable", False)
-    from bana_jax.train.mesh import maybe_initialize_distributed
+    from bana_jax.train.mesh import maybe_initialize_distributed  # imports jax, see above
     maybe_initialize_distributed()  # before anything touches the devices
     # The demo runs three stages from one top-level config: --shrink applies to all of them.
     extra = {"shrink": args.shrink} if args.command == "demo" else {}
-    from bana_jax.data.common import DataError
     try:
         result = command_main(config, args.workdir, **extra)
     except ConfigError as err:  # a setting that could only be checked once the run started

@@ -16,9 +16,15 @@ import argparse
 import re
 import sys
 
+import jax
 import numpy as np
+from flax import nnx
+from PIL import Image
 
 from bana_jax.constants import CAFFE_MEAN_BGR
+from bana_jax.models import DeepLab, Labeler, make_backbone
+from bana_jax.models.torch_import import _normalise_keys, load_checkpoint
+from bana_jax.models.torch_io import read_state_dict
 
 ARCHS = ("labeler", "deeplab_v1", "deeplab_v2")
 
@@ -61,10 +67,7 @@ def infer_architecture(arch: str, state_dict: dict[str, np.ndarray]) -> dict:
 
 def _build(arch: str, spec: dict, classifier: str):
     """(torch net, jax model factory)."""
-    from flax import nnx  # noqa: PLC0415
-
-    from bana_jax.models import DeepLab, Labeler, make_backbone  # noqa: PLC0415
-    from bana_jax.models import torch_reference as ref  # noqa: PLC0415
+    from bana_jax.models import torch_reference as ref  # noqa: PLC0415 - imports torch (optional)
 
     c = spec["num_classes"]
     if arch == "deeplab_v2":
@@ -88,8 +91,6 @@ def _build(arch: str, spec: dict, classifier: str):
 def _input(args) -> np.ndarray:
     h, w = args.size
     if args.image:
-        from PIL import Image  # noqa: PLC0415
-
         rgb = np.asarray(Image.open(args.image).convert("RGB").resize((w, h), Image.BILINEAR), np.float32)
         one = rgb[..., ::-1] - CAFFE_MEAN_BGR
         return np.repeat(one[None], args.batch, axis=0).astype(np.float32)
@@ -99,13 +100,9 @@ def _input(args) -> np.ndarray:
 def compare(arch: str, state_dict: dict[str, np.ndarray], images: np.ndarray,
             classifier: str | None = None) -> list[tuple[str, tuple, float, float]]:
     """[(stage, shape, max abs diff, max rel diff)] for one checkpoint and NHWC input."""
-    import jax  # noqa: PLC0415
     import torch  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
 
-    from bana_jax.models import torch_reference as ref  # noqa: PLC0415
-    from bana_jax.models.torch_import import load_checkpoint  # noqa: PLC0415
-
+    from bana_jax.models import torch_reference as ref  # noqa: PLC0415 - imports torch (optional)
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -153,9 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("compare-torch needs PyTorch: pip install 'bana-jax[torch]'", file=sys.stderr)
         return 2
-    from bana_jax.models.torch_import import _normalise_keys  # noqa: PLC0415
-    from bana_jax.models.torch_io import read_state_dict  # noqa: PLC0415
-
     state_dict = _normalise_keys(read_state_dict(args.checkpoint))
     rows = compare(args.arch, state_dict, _input(args), args.classifier)
     print(f"{'stage':<8} {'shape (NHWC)':<22} {'max abs diff':>13} {'max rel diff':>13}")

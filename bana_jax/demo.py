@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bana_jax import io, visualize
+from bana_jax import baselines, builders, evaluate, io, metrics, stage1, stage2, stage3, visualize
 from bana_jax.config import CONFIGS, load_config, shrink_config, validate_config
 
 logger = logging.getLogger("bana_jax.demo")
@@ -85,8 +85,6 @@ def stage_configs(config, *, shrink: bool = False) -> dict:
 
 def validation_source(config):
     """The images DeepLab is evaluated on: the first `eval.max_images` (0 = all) of `eval.split`."""
-    from bana_jax import builders
-
     return builders.data_source(config, config.eval.split, max_images=int(config.eval.max_images))
 
 
@@ -95,8 +93,6 @@ def box_fill_scores(source, num_classes: int) -> dict:
 
     Returns {"miou": percent, "iou": per-class percent (None where undefined), "num_images"}.
     """
-    from bana_jax import baselines, metrics
-
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for index in range(len(source)):
         sample = source[index]
@@ -112,8 +108,6 @@ def evaluate_on_val(configs: dict, stage3_dir: Path, source) -> dict:
 
     Returns {"deeplab": WORKDIR/stage3/eval_<split>.json's record, "box_fill": box_fill_scores}.
     """
-    from bana_jax import evaluate
-
     evaluate.main(configs["stage3"], stage3_dir)
     split = configs["stage3"].eval.split
     return {"deeplab": json.loads((stage3_dir / f"eval_{split}.json").read_text()),
@@ -130,8 +124,6 @@ def _timed(seconds: dict, name: str, fn, *args):
 
 def run(configs: dict, workdir) -> dict:
     """Runs the four steps on `workdir`; returns (and writes) the demo summary."""
-    from bana_jax import stage1, stage2, stage3
-
     workdir = Path(workdir)
     dirs = {name: workdir / name for name in ("stage1", "stage2", "stage3")}
     with configs["stage2"].unlocked():

@@ -34,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from bana_jax import builders, io, metrics
 from bana_jax.data.transforms import MEAN_RGB_PAD, caffe_normalize
 from bana_jax.evaluation import CRF_PARAM_NAMES, official_crf_image, predict
+from bana_jax.stage3 import load_trained_deeplab, resolve_checkpoint
 from bana_jax.train.mesh import is_main_process
 
 logger = logging.getLogger("bana_jax.evaluate")
@@ -108,8 +110,6 @@ def _class_names(source, config, num_classes: int) -> tuple[str, ...]:
 
 def _progress(iterable, total: int, enabled: bool):
     if enabled and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
-        from tqdm import tqdm
-
         return tqdm(iterable, total=total, desc="evaluate", dynamic_ncols=True)
     return iterable
 
@@ -194,8 +194,6 @@ def evaluate_model(model: nnx.Module, source, config, *, predictions_dir=None,
 
 
 def main(config, workdir) -> int:
-    from bana_jax.stage3 import load_trained_deeplab, resolve_checkpoint
-
     workdir = Path(workdir)
     ev = config.eval
     checkpoint_path, _ = resolve_checkpoint(workdir, ev.checkpoint)

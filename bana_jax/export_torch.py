@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from bana_jax import artifacts
+from bana_jax.models.torch_import import torch_state_dict
+from bana_jax.stage3 import load_trained_deeplab
 
 # Our stage-1 / stage-3 model names -> the official module that loads the export.
 LABELER_MODULES = {"vgg16_labeler": "models.ClsNet.Labeler",
@@ -74,7 +76,6 @@ def inspect_workdir(workdir) -> tuple[str, dict]:
 def load_model(workdir, kind: str):
     if kind == "labeler":
         return artifacts.load_model(workdir, "labeler")
-    from bana_jax.stage3 import load_trained_deeplab
 
     return load_trained_deeplab(workdir)
 
@@ -82,8 +83,6 @@ def load_model(workdir, kind: str):
 def official_state_dict(model) -> dict[str, np.ndarray]:
     """`torch_state_dict(model)` plus what `strict=True` also wants: every BatchNorm's
     `num_batches_tracked` counter (0: the official code never reads it; momentum is fixed)."""
-    from bana_jax.models.torch_import import torch_state_dict
-
     sd = torch_state_dict(model)
     for key in [k for k in sd if k.endswith(".running_mean")]:
         sd[key[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)

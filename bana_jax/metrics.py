@@ -17,9 +17,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from bana_jax.constants import IGNORE_INDEX, VOC_CLASSES
-
 
 
 def confusion_matrix(pred, label, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
@@ -156,6 +156,5 @@ def sum_across_hosts(conf) -> np.ndarray:
     """Sum each host's int64 `(C, C)` confusion matrix over all JAX processes (every host gets it)."""
     if jax.process_count() == 1:
         return np.asarray(conf, np.int64)
-    from jax.experimental import multihost_utils
     gathered = multihost_utils.process_allgather(split_counts(conf))  # (num_processes, 2, C, C)
     return join_counts(gathered)

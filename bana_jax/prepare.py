@@ -21,6 +21,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import jax
+
+from bana_jax.builders import synthetic_settings
+from bana_jax.constants import VOC_CLASSES
+from bana_jax.data.synthetic import class_names
+
 log = logging.getLogger(__name__)
 
 FORMAT = "array_record"  # the tfrecord writer would need TensorFlow
@@ -28,7 +34,7 @@ FORMAT = "array_record"  # the tfrecord writer would need TensorFlow
 
 def _builder(config, data_dir: str | Path):
     """The tfds builder of `config.data` over `data_dir` (nothing is read or written yet)."""
-    from bana_jax.data import tfds_builders
+    from bana_jax.data import tfds_builders  # tensorflow_datasets: heavy, only here
 
     data = config.data
     if data.name == "voc":
@@ -36,8 +42,6 @@ def _builder(config, data_dir: str | Path):
     if data.name == "coco":
         return tfds_builders.CocoBoxes(data_dir=str(data_dir), config=tfds_builders.COCO_CONFIGS[data.classes])
     if data.name == "synthetic":
-        from bana_jax.builders import synthetic_settings
-
         s = synthetic_settings(config, "train")  # the val split's differ in the seed only
         return tfds_builders.SyntheticBoxes(data_dir=str(data_dir), config=tfds_builders.synthetic_builder_config(
             s.num_images, s.image_size, s.num_classes))
@@ -45,12 +49,8 @@ def _builder(config, data_dir: str | Path):
 
 
 def _class_names(config, builder) -> tuple[str, ...]:
-    from bana_jax.constants import VOC_CLASSES
-
     data = config.data
     if data.name == "synthetic":
-        from bana_jax.data.synthetic import class_names
-
         return class_names(builder.builder_config.num_classes)
     if data.name == "coco" and data.classes == "coco":
         return tuple(builder.info.metadata["class_names"])
@@ -59,7 +59,7 @@ def _class_names(config, builder) -> tuple[str, ...]:
 
 def prepare(config, out_dir: str | Path) -> dict[str, int]:
     """Writes the records of `config.data` under `out_dir`; returns {split: number of samples}."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy: only when writing records
 
     data = config.data
     if data.name in ("voc", "coco") and not data.root:
@@ -79,7 +79,7 @@ def prepare(config, out_dir: str | Path) -> dict[str, int]:
 def prepared_source(config, split: str):
     """A `TfdsSource` of `split` from `data.prepared_dir` (random access, decoded as the folder
     reader decodes: the same sample dicts)."""
-    from bana_jax.data.tfds_builders import TfdsSource
+    from bana_jax.data.tfds_builders import TfdsSource  # tensorflow_datasets: heavy, only here
 
     data = config.data
     folder = data.prepared_dir
@@ -98,8 +98,6 @@ def prepared_source(config, split: str):
 
 def main(config, workdir) -> dict:
     """`bana prepare`: the records of `config.data` into WORKDIR (the later `data.prepared_dir`)."""
-    import jax
-
     workdir = Path(workdir)
     if jax.process_count() > 1 and jax.process_index() != 0:
         log.info("bana prepare runs on process 0 only; nothing to do here")

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bana_jax import artifacts, bap, builders, stage1_frozen
+from bana_jax import artifacts, bap, builders, evaluate_cams, models, stage1_frozen
+from bana_jax.data.common import DataError
 from bana_jax.train import mesh as mesh_lib
 from bana_jax.train.loop import TrainResult, configure_compilation_cache, train_loop
 
@@ -151,8 +152,6 @@ def export_labeler(model: nnx.Module, config, workdir: str | Path, step: int) ->
 def train(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
           stop_after: int | None = None, batches=None) -> TrainResult:
     """Builds labeler, parameter groups, batches and loss, and runs `train_loop`."""
-    from bana_jax import models
-
     # Before the model is built: its init compiles too.
     configure_compilation_cache(config.train.compilation_cache, workdir)
     mesh = mesh_lib.mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
@@ -172,8 +171,6 @@ def train_frozen(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None 
     Returns the train result and, when the run finished, the labeler with the trained weights and
     the training images' first views pooled (for the box accuracy; None otherwise).
     """
-    from bana_jax import models
-
     configure_compilation_cache(config.train.compilation_cache, workdir)
     mesh = mesh_lib.mesh_for_batch(int(config.data.batch_size)) if mesh is None else mesh
     labeler = build_model(config)
@@ -226,8 +223,6 @@ def main(config, workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None,
     export_labeler(model, config, workdir, step)
     logger.info("trained labeler written to %s", workdir / artifacts.MODEL_DIR)
 
-    from bana_jax import evaluate_cams
-    from bana_jax.data.common import DataError
     if config.model.freeze_backbone:  # on the training views
         split = "training images, first view"
         accuracy = stage1_frozen.box_accuracy(model.classifier.weight, first_views, int(config.model.num_classes))

@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from bana_jax import bap, builders, evaluate_cams
 from bana_jax.data import sampling, transforms
+from bana_jax.data.batching import pad_boxes
 from bana_jax.data.common import bg_mask_from_boxes
 from bana_jax.feature_cache import FeatureCache, backbone_fingerprint, image_fingerprint
 
@@ -78,8 +80,6 @@ def pooled_view(features: np.ndarray, view: dict, max_boxes: int, options: dict)
     Returns float32 `fg_vectors` `(K, R, D)`, `bg_vectors` `(M, D)`, bool `cell_valid` `(M,)`,
     `use_bap` `()`, int32 `box_labels` `(K,)`, bool `box_valid` `(K,)`, K = `max_boxes`.
     """
-    from bana_jax.data.batching import pad_boxes
-
     boxes = pad_boxes(view, max_boxes)
     count = int(boxes["box_valid"].sum())
     bucket = min(max_boxes, max(MIN_BOXES, 1 << max(count - 1, 0).bit_length()))
@@ -102,8 +102,6 @@ def pooled_view(features: np.ndarray, view: dict, max_boxes: int, options: dict)
 def tail_input(features: np.ndarray, view: dict, max_boxes: int) -> dict:
     """One view for training the trainable blocks: the cached input `image` `(h, w, C)` (float16)
     with `bg_mask` `(S, S)` and the boxes padded to `max_boxes` (the stage-1 batch layout)."""
-    from bana_jax.data.batching import pad_boxes
-
     boxes = pad_boxes(view, max_boxes)
     return dict(image=features, bg_mask=view["bg_mask"].astype(np.float32), boxes=boxes["boxes"],
                 box_labels=boxes["box_labels"], box_valid=boxes["box_valid"])
@@ -164,8 +162,6 @@ def cached_views(config, labeler, source, workdir: str | Path, options: dict, *,
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="img", desc="features", disable=not enabled, dynamic_ncols=True)
 
 

@@ -62,17 +62,23 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 import crf_ext
 from bana_jax import artifacts
 from bana_jax import baselines as baselines_lib
+from bana_jax import builders, coco_export
 from bana_jax import io as bio
 from bana_jax import metrics
 from bana_jax import pseudo_labels as pl
 from bana_jax import visualize
+from bana_jax.config import ConfigError
 from bana_jax.constants import IGNORE_INDEX, VOC_CLASSES
 from bana_jax.data.coco import COCO_TO_VOC
 from bana_jax.data.transforms import caffe_normalize
+from bana_jax.models.torch_import import official_labeler
+from bana_jax.train.loop import configure_compilation_cache
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +102,6 @@ def _pow2_at_least(n: int, minimum: int) -> int:
 
 
 def _labeler_features(graphdef, state, images):
-    from flax import nnx
-
     return nnx.merge(graphdef, state)(images)
 
 
@@ -123,8 +127,6 @@ class FeatureExtractor:
     """
 
     def __init__(self, labeler, feature_step: int = FEATURE_STEP, image_bucket: int = 0):
-        from flax import nnx
-
         if image_bucket < 0:
             raise ValueError(f"pseudo.image_bucket must be >= 0 (0: exact sizes), got {image_bucket}")
         labeler.eval()
@@ -418,7 +420,6 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
         y_crf, y_ret, result = _label_image(job, crf_params, vis_dir)
         return result if job.label is None else result | scorer.score(job, y_crf, y_ret)
 
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(indices), unit="img", desc="stage2", disable=not progress, dynamic_ncols=True)
     stale = _stale_temporaries(out_dir)  # only this host's images' are removed (hosts may share out_dir)
@@ -557,8 +558,6 @@ def _class_weights(labeler, source, class_names) -> dict:
 
 def load_official_labeler(path):
     """The labeler of an official PyTorch `Labeler` state dict (`pseudo.labeler`), eval mode."""
-    from bana_jax.models.torch_import import official_labeler
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pseudo.labeler={str(path)!r}: no such file (expected an official Labeler "
@@ -575,10 +574,6 @@ def main(config, workdir) -> dict:
     A VOC labeler (21 classes) on COCO with `data.classes = 'coco'` labels all 80 COCO classes: the
     20 VOC ones with their VOC weights, the other 60 as unseen classes (`voc_weights_for_coco`).
     COCO data: the labels are also written as RLE instance masks, `OUT/instances_y_crf.json`."""
-    from bana_jax import builders
-    from bana_jax.config import ConfigError
-    from bana_jax.train.loop import configure_compilation_cache
-
     if bool(config.pseudo.stage1_workdir) == bool(config.pseudo.labeler):
         raise ConfigError("set exactly one of pseudo.stage1_workdir (the workdir of a finished `bana stage1` "
                           "run) and pseudo.labeler (an official PyTorch Labeler .pth), got "
@@ -604,7 +599,6 @@ def main(config, workdir) -> dict:
                                      **_class_weights(labeler, source, names))
     if config.data.name in ("coco", "coco_subset") and jax.process_index() == 0:
         # COCO: also as instance masks (RLE), one per box, for Mask R-CNN training elsewhere.
-        from bana_jax import coco_export
 
         annotations = (config.data.annotations if config.data.name == "coco_subset" else
                        Path(config.data.root) / "annotations" / f"instances_{config.pseudo.split}.json")

@@ -129,7 +129,7 @@ def _inclusive_box(bbox) -> list:
 def _segmentation_mask(segmentation, height: int, width: int, where: str, what: str) -> np.ndarray:
     """Polygon list, uncompressed RLE or compressed RLE -> bool (H, W); a bad one raises naming
     `where` (the json) and `what` (the annotation)."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # compiled extension: only for polygon / RLE masks
 
     try:
         if isinstance(segmentation, list):

@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,6 @@ def decode_image(file, where, convert_modes: bool = False) -> np.ndarray:
     Raises :class:`DataError` naming `where` (the path, or a sample id) for a corrupt, truncated
     or unsupported image (modes: see _to_rgb).
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(file) as im:
             mode = _source_mode(im)
@@ -201,8 +200,6 @@ def read_image(path, convert_modes: bool = False) -> np.ndarray:
 
 def read_index_png(path) -> np.ndarray:
     """Read a label map (palette or 8-bit grayscale PNG) as its uint8 (H, W) indices."""
-    from PIL import Image, UnidentifiedImageError
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(path, "file not found")

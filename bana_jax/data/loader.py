@@ -18,7 +18,9 @@ import os
 import sys
 
 import grain.python as grain
+import jax
 import numpy as np
+from absl import flags
 
 from bana_jax.data import batching, transforms
 from bana_jax.data.common import DataError, read_index_png
@@ -62,8 +64,6 @@ class TrainTransform(grain.RandomMapTransform):
 
 def _shard(shard_index, shard_count) -> grain.ShardOptions:
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
@@ -141,7 +141,6 @@ def make_train_loader(source, *, aug: transforms.AugmentConfig, batch_size: int,
     if num_workers:
         # grain's worker processes read absl flags; a program that never parsed them (pytest, a
         # notebook) would fail with UnparsedFlagAccessError.
-        from absl import flags
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()

@@ -18,6 +18,9 @@ import dataclasses
 
 import numpy as np
 
+from bana_jax import baselines, metrics
+from bana_jax.resize import interp_matrix
+
 SHAPES = ("ellipse", "triangle", "ring", "star", "crescent", "cross")
 # Base hues (RGB) chosen far apart; each instance jitters them a little.
 CLASS_COLOURS = np.array([
@@ -129,8 +132,6 @@ def _texture(shape: str, xs: np.ndarray, ys: np.ndarray, rng: np.random.Generato
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
     """Low-frequency noise (size, size, channels) in [0, 1]: a coarse grid upsampled bilinearly."""
-    from bana_jax.resize import interp_matrix
-
     coarse = rng.uniform(0, 1, (cells, cells, channels)).astype(np.float32)
     m = interp_matrix(cells, size, False)
     return np.einsum("oh,hwc->owc", m, np.einsum("pw,hwc->hpc", m, coarse))
@@ -234,8 +235,6 @@ class SyntheticSource:
 
 def box_fill_miou(source, num_images: int | None = None) -> float:
     """mIoU (background included) of the box-filling baseline against the ground truth."""
-    from bana_jax import baselines, metrics  # jax-backed: only for this check
-
     num_classes = len(source.class_names)
     conf = np.zeros((num_classes, num_classes), np.int64)
     for i in range(len(source) if num_images is None else min(num_images, len(source))):

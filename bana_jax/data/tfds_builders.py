@@ -19,8 +19,13 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from bana_jax.constants import VOC_CLASSES
+from bana_jax.data.coco import CocoSource
+from bana_jax.data.common import decode_image
+from bana_jax.data.synthetic import SPLIT_SEEDS, SyntheticConfig, SyntheticSource
+from bana_jax.data.voc import VocSource
 
 
 def _features(with_label: bool = True):
@@ -64,8 +69,6 @@ class VocSbd(tfds.core.GeneratorBasedBuilder):
                 if os.path.isfile(os.path.join(lists, f"{s}.txt"))}
 
     def _generate_examples(self, root, split):
-        from bana_jax.data.voc import VocSource
-
         source = VocSource(root, split=split)
         for i in range(len(source)):
             sample = source[i]
@@ -92,8 +95,6 @@ class CocoBoxes(tfds.core.GeneratorBasedBuilder):
                                      description="MS-COCO 2017 boxes and semantic labels.")
 
     def _split_generators(self, dl_manager):
-        from bana_jax.data.coco import CocoSource
-
         root = os.fspath(dl_manager.manual_dir)
         splits = [s for s in self.SPLITS
                   if os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json"))]
@@ -106,8 +107,6 @@ class CocoBoxes(tfds.core.GeneratorBasedBuilder):
         return {name: classes for classes, name in COCO_CONFIGS.items()}[self.builder_config.name]
 
     def _generate_examples(self, root, split):
-        from bana_jax.data.coco import CocoSource
-
         source = CocoSource(root, split=split, classes=self._classes())
         for i in range(len(source)):
             sample = source[i]
@@ -141,15 +140,10 @@ class SyntheticBoxes(tfds.core.GeneratorBasedBuilder):
                                      description="bana_jax synthetic box-supervision scenes.")
 
     def _split_generators(self, dl_manager):
-        from bana_jax.data.synthetic import SPLIT_SEEDS
-
         del dl_manager  # generated, nothing to read
         return {split: self._generate_examples(seed) for split, seed in SPLIT_SEEDS.items()}
 
     def _generate_examples(self, seed):
-        from PIL import Image
-
-        from bana_jax.data.synthetic import SyntheticConfig, SyntheticSource
 
         cfg = self.builder_config
         source = SyntheticSource(SyntheticConfig(num_images=cfg.num_images, image_size=cfg.image_size,
@@ -177,8 +171,6 @@ class TfdsSource:
         return np.asarray(self.data_source[int(index)]["box_labels"], np.int32)
 
     def __getitem__(self, index: int) -> dict:
-        from bana_jax.data.common import decode_image
-
         ex = self.data_source[int(index)]
         sid = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
         image = decode_image(io.BytesIO(ex["image_bytes"]), sid, self.convert_modes)

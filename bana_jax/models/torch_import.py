@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from bana_jax.models import torch_io, vgg
-from bana_jax.models.networks import path_names
+from bana_jax.models.networks import Labeler, make_backbone, path_names
 
 _LEAF_TO_TORCH = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
                   "var": "running_var"}
@@ -231,8 +231,6 @@ def official_labeler(checkpoint, *, where: str = "labeler") -> nnx.Module:
     `classifier.weight`), so reduced-width exports load too. Every key must match: a ValueError
     prefixed with `where` lists the missing and unused ones (e.g. a DeepLab-ASPP file's `c1.weight`).
     """
-    from bana_jax.models.networks import Labeler, make_backbone
-
     sd = _read_normalised(checkpoint)
     shape_keys = [f"backbone.conv{b}_1.weight" for b in range(1, 6)] + ["backbone.fc6.weight",
                                                                         "classifier.weight"]

@@ -15,13 +15,13 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def gather_process_states(local_state: Any) -> list[Any]:
     """All processes' JSON-able iterator states, in process order (every process gets the list)."""
     if jax.process_count() == 1:
         return [local_state]
-    from jax.experimental import multihost_utils
     encoded = np.frombuffer(json.dumps(local_state).encode(), dtype=np.uint8)
     lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
     padded = np.zeros(int(np.max(lengths)), np.uint8)

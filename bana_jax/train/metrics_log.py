@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from tqdm import tqdm
+
 from bana_jax import io as bio
 
 logger = logging.getLogger("bana_jax.train")
@@ -74,7 +76,6 @@ class MetricLogger:
                 self._tb = SummaryWriter(str(workdir / "tensorboard"))
         stream = sys.stderr if stream is None else stream
         if progress_bar and hasattr(stream, "isatty") and stream.isatty():
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=initial_step, file=stream,
                              dynamic_ncols=True, desc="train")
 

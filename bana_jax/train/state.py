@@ -20,8 +20,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
+
+from bana_jax.train.mesh import batch_sharding, replicated_sharding
 
 # loss_fn(model, batch, step) -> (scalar loss, {name: scalar}); `model` is in train mode.
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array],
@@ -144,7 +145,6 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, lo
 
 def jit_train_step(train_step, mesh: jax.sharding.Mesh, donate: bool = True):
     """`jax.jit` with a replicated state and a batch split over the "data" axis."""
-    from bana_jax.train.mesh import batch_sharding, replicated_sharding
     replicated = replicated_sharding(mesh)
     return jax.jit(train_step,
                    in_shardings=(replicated, batch_sharding(mesh)),
