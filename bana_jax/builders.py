@@ -70,13 +70,56 @@ def synthetic_settings(config, split: str):
                            num_classes=synthetic_classes(config), seed=SPLIT_SEEDS[split])
 
 
+def tfds_builder(config, data_dir: str | Path):
+    """The tfds builder of `config.data` over `data_dir` (nothing is read or written yet)."""
+    from bana_jax.data import tfds_builders  # tensorflow_datasets: heavy, only here
+
+    data = config.data
+    if data.name == "voc":
+        return tfds_builders.VocSbd(data_dir=str(data_dir))
+    if data.name == "coco":
+        return tfds_builders.CocoBoxes(data_dir=str(data_dir), config=tfds_builders.COCO_CONFIGS[data.classes])
+    if data.name == "synthetic":
+        s = synthetic_settings(config, "train")  # the val split's differ in the seed only
+        return tfds_builders.SyntheticBoxes(data_dir=str(data_dir), config=tfds_builders.synthetic_builder_config(
+            s.num_images, s.image_size, s.num_classes))
+    raise ValueError(f"data.name={data.name!r} has no prepared records; 'voc', 'coco' and 'synthetic' do")
+
+
+def _tfds_class_names(config, builder) -> tuple[str, ...]:
+    data = config.data
+    if data.name == "synthetic":
+        return synthetic_names(builder.builder_config.num_classes)
+    if data.name == "coco" and data.classes == "coco":
+        return tuple(builder.info.metadata["class_names"])
+    return VOC_CLASSES
+
+
+def _prepared_source(config, split: str):
+    """A `TfdsSource` of `split` from `data.prepared_dir` (random access, decoded as the folder
+    reader decodes: the same sample dicts)."""
+    from bana_jax.data.tfds_builders import TfdsSource  # tensorflow_datasets: heavy, only here
+
+    data = config.data
+    folder = data.prepared_dir
+    builder = tfds_builder(config, folder)
+    hint = (f"run `bana prepare --config=... --workdir={folder}` with the same data.* settings "
+            f"(data.name={data.name!r})")
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"data.prepared_dir={folder!r} holds no prepared records for "
+                                f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}: {hint}")
+    if split not in builder.info.splits:
+        raise ValueError(f"the prepared {builder.name} records in {folder!r} have splits "
+                         f"{sorted(builder.info.splits)}, not {split!r}")
+    return TfdsSource(builder.as_data_source(split=split), class_names=_tfds_class_names(config, builder),
+                      convert_modes=bool(data.convert_modes))
+
+
 def _reader(config, split: str):
     """The reader of all of `split` that data.source and data.name select (raw samples)."""
     data = config.data
     if data.source == "tfds":  # the records `bana prepare` wrote: the same samples, same order
-        from bana_jax import prepare  # needs tensorflow_datasets (heavy): only for data.source='tfds'
-
-        return prepare.prepared_source(config, split)
+        return _prepared_source(config, split)
     if data.name == "synthetic":
         return SyntheticSource(synthetic_settings(config, split))
     if data.name == "voc":

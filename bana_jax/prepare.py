@@ -23,38 +23,11 @@ from pathlib import Path
 
 import jax
 
-from bana_jax.builders import synthetic_settings
-from bana_jax.constants import VOC_CLASSES
-from bana_jax.data.synthetic import class_names
+from bana_jax import builders
 
 log = logging.getLogger(__name__)
 
 FORMAT = "array_record"  # the tfrecord writer would need TensorFlow
-
-
-def _builder(config, data_dir: str | Path):
-    """The tfds builder of `config.data` over `data_dir` (nothing is read or written yet)."""
-    from bana_jax.data import tfds_builders  # tensorflow_datasets: heavy, only here
-
-    data = config.data
-    if data.name == "voc":
-        return tfds_builders.VocSbd(data_dir=str(data_dir))
-    if data.name == "coco":
-        return tfds_builders.CocoBoxes(data_dir=str(data_dir), config=tfds_builders.COCO_CONFIGS[data.classes])
-    if data.name == "synthetic":
-        s = synthetic_settings(config, "train")  # the val split's differ in the seed only
-        return tfds_builders.SyntheticBoxes(data_dir=str(data_dir), config=tfds_builders.synthetic_builder_config(
-            s.num_images, s.image_size, s.num_classes))
-    raise ValueError(f"data.name={data.name!r} has no prepared records; 'voc', 'coco' and 'synthetic' do")
-
-
-def _class_names(config, builder) -> tuple[str, ...]:
-    data = config.data
-    if data.name == "synthetic":
-        return class_names(builder.builder_config.num_classes)
-    if data.name == "coco" and data.classes == "coco":
-        return tuple(builder.info.metadata["class_names"])
-    return VOC_CLASSES
 
 
 def prepare(config, out_dir: str | Path) -> dict[str, int]:
@@ -66,7 +39,7 @@ def prepare(config, out_dir: str | Path) -> dict[str, int]:
         raise ValueError(f"data.root is empty: set it to the {data.name} dataset folder to prepare")
     if data.name in ("voc", "coco") and not Path(data.root).is_dir():
         raise FileNotFoundError(f"data.root={data.root!r} is not a folder")
-    builder = _builder(config, out_dir)
+    builder = builders.tfds_builder(config, out_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(data.root) if data.root else None),
         file_format=FORMAT)
@@ -74,26 +47,6 @@ def prepare(config, out_dir: str | Path) -> dict[str, int]:
     if not splits:
         raise FileNotFoundError(f"no split of {data.name} found under data.root={data.root!r}")
     return splits
-
-
-def prepared_source(config, split: str):
-    """A `TfdsSource` of `split` from `data.prepared_dir` (random access, decoded as the folder
-    reader decodes: the same sample dicts)."""
-    from bana_jax.data.tfds_builders import TfdsSource  # tensorflow_datasets: heavy, only here
-
-    data = config.data
-    folder = data.prepared_dir
-    builder = _builder(config, folder)
-    hint = (f"run `bana prepare --config=... --workdir={folder}` with the same data.* settings "
-            f"(data.name={data.name!r})")
-    if not builder.is_prepared():
-        raise FileNotFoundError(f"data.prepared_dir={folder!r} holds no prepared records for "
-                                f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}: {hint}")
-    if split not in builder.info.splits:
-        raise ValueError(f"the prepared {builder.name} records in {folder!r} have splits "
-                         f"{sorted(builder.info.splits)}, not {split!r}")
-    return TfdsSource(builder.as_data_source(split=split), class_names=_class_names(config, builder),
-                      convert_modes=bool(data.convert_modes))
 
 
 def main(config, workdir) -> dict:

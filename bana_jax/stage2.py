@@ -420,7 +420,6 @@ def generate_pseudo_labels(labeler, source, config, out_dir, *, baselines: Seque
         y_crf, y_ret, result = _label_image(job, crf_params, vis_dir)
         return result if job.label is None else result | scorer.score(job, y_crf, y_ret)
 
-
     bar = tqdm(total=len(indices), unit="img", desc="stage2", disable=not progress, dynamic_ncols=True)
     stale = _stale_temporaries(out_dir)  # only this host's images' are removed (hosts may share out_dir)
     wall_start = time.perf_counter()
