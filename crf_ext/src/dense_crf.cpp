@@ -81,9 +81,11 @@ PooledArray<float> lattice_buffer(const Permutohedral& lattice, int stride) {
 
 // DenseCRF2D's features exactly as pydensecrf builds them: float pixel index / float std, then,
 // if `image` (RGB, H x W x 3) is given, each channel / rgb_std. n_points x 2, or n_points x 5.
-PooledVector<float> pixel_features(int height, int width, float xy_std, const uint8_t* image, float rgb_std) {
+PooledVector<float> pixel_features(int height, int width, float xy_std, const uint8_t* image, float rgb_std,
+                                   int num_threads) {
   const int dim = image != nullptr ? 5 : 2;
   PooledVector<float> features(static_cast<std::size_t>(height) * width * dim);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int y = 0; y < height; ++y) {
     for (int x = 0; x < width; ++x) {
       const std::size_t p = static_cast<std::size_t>(y) * width + x;
@@ -165,11 +167,11 @@ void DenseCrf::set_unary_from_probs(const float* probs, float clip_min, int num_
 
 void DenseCrf::add_kernel(std::unique_ptr<PairwiseKernel> kernel) { kernels_.push_back(std::move(kernel)); }
 
-template <int kStride>
+template <int kStride, int kDim>
 void DenseCrf::subtract_message(const PairwiseKernel& kernel, int point, const float* filtered,
                                 float* __restrict sliced, float* __restrict logits) const {
   const int s = kStride > 0 ? kStride : stride_;
-  kernel.lattice().template slice_point<kStride>(point, filtered, s, n_labels_ > 2, sliced);
+  kernel.lattice().template slice_point<kStride, kDim>(point, filtered, s, n_labels_ > 2, sliced);
   if (const float* post = kernel.post_scale()) {
     const float scale = post[point];
     if constexpr (kStride > 0) {
@@ -221,11 +223,16 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times)
           const int count = std::min(kChunk, n - start);
           std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * stride,
                       static_cast<std::size_t>(count) * stride, logits.data());
-          for (int i = 0; i < count; ++i) {
-            for (int k = 0; k < n_kernels; ++k) {
-              subtract_message<kStride>(*kernels_[k], start + i, values[k].get(), sliced.data(),
-                                        logits.data() + static_cast<std::size_t>(i) * stride);
-            }
+          // Kernel by kernel over the chunk (each point still subtracts in kernel order): one
+          // lattice's rows at a time stay in cache.
+          // DenseCRF2D's dimensions (2 and 5) with their own unrolled code.
+          for (int k = 0; k < n_kernels; ++k) {
+            with_constant<2, 5>(kernels_[k]->lattice().dim(), [&](auto kDim) {
+              for (int i = 0; i < count; ++i) {
+                subtract_message<kStride, kDim>(*kernels_[k], start + i, values[k].get(), sliced.data(),
+                                                logits.data() + static_cast<std::size_t>(i) * stride);
+              }
+            });
           }
           const Clock::time_point softmax_start = times != nullptr ? Clock::now() : Clock::time_point{};
           softmax_chunk(logits.data(), count, c, stride, by_label.data(), q + static_cast<std::size_t>(start) * stride);
@@ -328,19 +335,20 @@ void dense_crf_2d(const uint8_t* image, const float* probs, int height, int widt
   const Clock::time_point start = Clock::now();
   const int n = height * width;
   DenseCrf crf(n, n_labels);
-  crf.set_unary_from_probs(probs, 1e-5f, num_threads);
-  // One of the threads builds the (small) Gaussian kernel while the bilateral lattice numbers
-  // its vertices, its one serial step (with one thread: right after it). The same bits for any
-  // thread count.
+  // One of the threads builds the (small) Gaussian kernel and the unary while the bilateral
+  // lattice numbers its vertices, its one serial step (with one thread: right after it). The
+  // same bits for any thread count.
   std::unique_ptr<PairwiseKernel> gaussian;
-  auto build_gaussian = [&] {
-    const PooledVector<float> features = pixel_features(height, width, params.pos_xy_std, nullptr, 0.0f);
+  auto build_gaussian_and_unary = [&] {
+    const PooledVector<float> features = pixel_features(height, width, params.pos_xy_std, nullptr, 0.0f, 1);
     gaussian = std::make_unique<PairwiseKernel>(features.data(), n, 2, LabelCompat::potts(params.pos_w),
                                                 Normalization::kSymmetric, 1);
+    crf.set_unary_from_probs(probs, 1e-5f, 1);
   };
-  PooledVector<float> features = pixel_features(height, width, params.bi_xy_std, image, params.bi_rgb_std);
+  PooledVector<float> features =
+      pixel_features(height, width, params.bi_xy_std, image, params.bi_rgb_std, resolve_threads(num_threads));
   auto bilateral = std::make_unique<PairwiseKernel>(features.data(), n, 5, LabelCompat::potts(params.bi_w),
-                                                    Normalization::kSymmetric, num_threads, build_gaussian);
+                                                    Normalization::kSymmetric, num_threads, build_gaussian_and_unary);
   free_storage(features);
   crf.add_kernel(std::move(gaussian));  // pydensecrf's order: the messages are summed in it
   crf.add_kernel(std::move(bilateral));

@@ -71,8 +71,9 @@ class DenseCrf {
   // `times`, if set, receives the time of each phase.
   void iterate(float* q_padded, int n_iter, int num_threads, PhaseTimes* times = nullptr) const;
   // logits -= compat(post * slice) of `kernel` for one point (stride lanes); `filtered` is the
-  // kernel's blurred lattice values, `sliced` a scratch row.
-  template <int kStride>
+  // kernel's blurred lattice values, `sliced` a scratch row. kDim: the kernel's feature
+  // dimension if known at compile time, else 0.
+  template <int kStride, int kDim = 0>
   void subtract_message(const PairwiseKernel& kernel, int point, const float* filtered, float* sliced,
                         float* logits) const;
 

@@ -27,15 +27,23 @@ class LatticeHashTable {
   const int32_t* key(int id) const { return keys_.data() + static_cast<std::size_t>(id) * key_size_; }
   const PooledVector<int32_t>& keys() const { return keys_; }
 
-  static uint32_t hash(const int32_t* key, int key_size) {
-    // A sum of products with one random odd factor per coordinate: the multiplies are
-    // independent, so a key's coordinates (and the keys of a simplex) hash in parallel rather
-    // than in one dependent chain. The factors must be unrelated: lattice keys differ by small
-    // integer vectors, and factors like (2i + 1) g would cancel on them exactly.
+  static uint32_t hash(const int32_t* key, int key_size) { return finish(linear_hash(key, key_size)); }
+
+  // A sum of products with one random odd factor per coordinate: the multiplies are
+  // independent, so a key's coordinates (and the keys of a simplex) hash in parallel rather
+  // than in one dependent chain. Linear modulo 2^64 (coordinates sign-extended), so the hash of
+  // a neighbour, key + delta, is linear_hash(key) + linear_hash(delta). The factors must be
+  // unrelated: lattice keys differ by small integer vectors, and factors like (2i + 1) g would
+  // cancel on them exactly.
+  static uint64_t linear_hash(const int32_t* key, int key_size) {
     uint64_t h = 0;
-    for (int i = 0; i < key_size; ++i) h += static_cast<uint64_t>(static_cast<uint32_t>(key[i])) * factor(i);
-    // Finaliser of MurmurHash3: the table indexes with the low bits, which the sum above leaves
-    // dependent on the low bits of the coordinates only.
+    for (int i = 0; i < key_size; ++i) h += static_cast<uint64_t>(static_cast<int64_t>(key[i])) * factor(i);
+    return h;
+  }
+
+  // Finaliser of MurmurHash3: the table indexes with the low bits, which the sum leaves
+  // dependent on the low bits of the coordinates only.
+  static uint32_t finish(uint64_t h) {
     h ^= h >> 33;
     h *= 0xFF51AFD7ED558CCDull;
     h ^= h >> 33;
@@ -78,12 +86,45 @@ class LatticeHashTable {
   // Look-ups are latency-bound (the table outgrows the caches): callers hash a batch of keys,
   // prefetch their slots, then resolve them.
   void prefetch(uint32_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
+  // Once the slot is in cache: prefetches the stored key that find() will compare, if the home
+  // slot holds a key with this hash.
+  void prefetch_key(uint32_t h) const {
+    const Slot& slot = slots_[h & mask_];
+    if (slot.id >= 0 && slot.hash == h) __builtin_prefetch(key(slot.id));
+  }
+
+  // A Bloom filter of the keys inserted so far (two bits in one 64-bit word per key, about 8
+  // bits per key), small enough to stay in cache: most look-ups of absent keys end here
+  // instead of in the table. False means absent; true means look it up.
+  void build_filter() {
+    std::size_t words = 64;
+    while (words * 64 < 8 * n_keys_) words *= 2;
+    filter_.assign(words, 0);
+    filter_shift_ = 64;
+    for (std::size_t w = words; w > 1; w /= 2) --filter_shift_;
+    for (const Slot& slot : slots_) {
+      if (slot.id >= 0) filter_[filter_word(slot.hash)] |= filter_bits(slot.hash);
+    }
+  }
+  void prefetch_filter(uint32_t h) const { __builtin_prefetch(&filter_[filter_word(h)]); }
+  bool may_contain(uint32_t h) const {
+    const uint64_t bits = filter_bits(h);
+    return (filter_[filter_word(h)] & bits) == bits;
+  }
 
  private:
   struct Slot {
     int32_t id;
     uint32_t hash;
   };
+
+  // The filter's word and bits from a remix of the hash: the table's slot is its low bits.
+  static uint64_t filter_mix(uint32_t h) { return static_cast<uint64_t>(h) * 0x9E3779B97F4A7C15ull; }
+  std::size_t filter_word(uint32_t h) const { return filter_mix(h) >> filter_shift_; }
+  static uint64_t filter_bits(uint32_t h) {
+    const uint64_t g = filter_mix(h);
+    return (uint64_t{1} << (g & 63)) | (uint64_t{1} << ((g >> 6) & 63));
+  }
 
   bool same_key(int id, const int32_t* key) const {
     const int32_t* stored = this->key(id);
@@ -111,6 +152,8 @@ class LatticeHashTable {
   std::size_t mask_ = 0;
   PooledVector<Slot> slots_;
   PooledVector<int32_t> keys_;
+  PooledVector<uint64_t> filter_;
+  int filter_shift_ = 64;
 };
 
 }  // namespace crf

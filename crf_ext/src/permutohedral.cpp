@@ -21,13 +21,14 @@ template <int kDim>
 struct SimplexScratch {
   template <typename T>
   using Buffer = std::conditional_t<(kDim > 0), std::array<T, kDim + 2>, std::vector<T>>;
-  Buffer<float> elevated{}, rem0{}, barycentric{};
+  Buffer<float> elevated{}, rem0{}, barycentric{}, by_rank{};
   Buffer<int> rank{};
   explicit SimplexScratch(int d) {
     if constexpr (kDim == 0) {
       elevated.resize(d + 2);
       rem0.resize(d + 2);
       barycentric.resize(d + 2);
+      by_rank.resize(d + 2);
       rank.resize(d + 2);
     }
   }
@@ -81,13 +82,14 @@ void locate(const float* f, int dim, const float* scale, SimplexScratch<kDim>& s
     s.rank[i] = r + wrap * d1;
     s.rem0[i] += static_cast<float>(wrap) * d1f;
   }
-  // Barycentric coordinates.
-  std::fill(s.barycentric.begin(), s.barycentric.begin() + d + 2, 0.0f);
-  for (int i = 0; i <= d; ++i) {
-    const float v = (s.elevated[i] - s.rem0[i]) * inv_d1;
-    s.barycentric[d - s.rank[i]] += v;
-    s.barycentric[d - s.rank[i] + 1] -= v;
-  }
+  // Barycentric coordinates: b[t] = v[i] - v[k] with rank[i] = d - t and rank[k] = d - t + 1
+  // (each term absent at the ends), v = (elevated - rem0) / (d + 1). pydensecrf accumulates
+  // the two terms into zeros in coordinate order; one subtraction rounds the same. Indexed by
+  // rank in registers, not scattered through memory.
+  for (int i = 0; i <= d; ++i) s.by_rank[s.rank[i]] = (s.elevated[i] - s.rem0[i]) * inv_d1;
+  s.barycentric[0] = s.by_rank[d];
+  for (int t = 1; t <= d; ++t) s.barycentric[t] = s.by_rank[d - t] - s.by_rank[d - t + 1];
+  s.barycentric[d + 1] = -s.by_rank[0];
   s.barycentric[0] += 1.0f + s.barycentric[d + 1];
 }
 
@@ -165,19 +167,24 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   with_dimension(d, [&](auto kDim) {
 #pragma omp parallel num_threads(threads)
     {
+      const int dc1 = (kDim > 0 ? kDim : d) + 1;  // a compile-time constant for d = 1..6
       SimplexScratch<kDim> s(d);
       std::vector<float> zero(d, 0.0f);
+      // Raw pointers: the int8 stores may alias anything, vector members included, which would
+      // reload them at every access.
+      int32_t* const rem0_out = rem0.data();
+      int8_t* const rank_out = rank.data();
+      float* const weights_out = point_weights_.data();
 #pragma omp for schedule(static)
       for (int p = 0; p < n_padded; ++p) {
         const float* f = p < n_points ? features + static_cast<std::size_t>(p) * d : zero.data();
         locate<kDim>(f, d, scale.data(), s);
-        for (int i = 0; i <= d; ++i) {
-          rem0[static_cast<std::size_t>(p) * d1 + i] = static_cast<int32_t>(s.rem0[i]);
-          rank[static_cast<std::size_t>(p) * d1 + i] = static_cast<int8_t>(s.rank[i]);
-          if (p < n_points) {
-            point_weights_[static_cast<std::size_t>(p) * d1 + i] = s.barycentric[i];
-          }
+        const std::size_t at = static_cast<std::size_t>(p) * dc1;
+        for (int i = 0; i < dc1; ++i) {
+          rem0_out[at + i] = static_cast<int32_t>(s.rem0[i]);
+          rank_out[at + i] = static_cast<int8_t>(s.rank[i]);
         }
+        if (p < n_points) std::copy_n(s.barycentric.data(), dc1, weights_out + at);
       }
     }
   });
@@ -246,55 +253,91 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // the axis of the coordinate ranked d - r (and vertex 0 is n2 of vertex d along the axis of
   // the coordinate ranked 0). Simplices that share an edge write the same link: relaxed atomic
   // stores make those identical writes race-free.
+  with_dimension(d, [&](auto kDim) {
+    const int dc = kDim > 0 ? kDim : d;  // a compile-time constant for d = 1..6
+    int32_t* const next_out = next.data();
+    uint8_t* const has_previous_out = has_previous.data();
 #pragma omp parallel num_threads(threads)
-  {
-    std::vector<int> axis_of_rank(d1);
+    {
+      std::vector<int> axis_of_rank(dc + 1);
 #pragma omp for schedule(static)
-    for (int p = 0; p < n_points; ++p) {
-      if (same_as_previous[p]) continue;
-      for (int i = 0; i <= d; ++i) axis_of_rank[rank[static_cast<std::size_t>(p) * d1 + i]] = i;
-      const int32_t* simplex = &point_vertices_[static_cast<std::size_t>(p) * d1];
-      for (int r = 0; r <= d; ++r) {
-        const std::size_t axis_start = static_cast<std::size_t>(axis_of_rank[d - r]) * m;
-        const int32_t v = simplex[r == d ? 0 : r + 1];
-        __atomic_store_n(&next[axis_start + simplex[r]], v, __ATOMIC_RELAXED);
-        __atomic_store_n(&has_previous[axis_start + v], uint8_t{1}, __ATOMIC_RELAXED);
+      for (int p = 0; p < n_points; ++p) {
+        if (same_as_previous[p]) continue;
+        const int8_t* point_rank = &rank[static_cast<std::size_t>(p) * (dc + 1)];
+        for (int i = 0; i <= dc; ++i) axis_of_rank[point_rank[i]] = i;
+        const int32_t* simplex = &point_vertices_[static_cast<std::size_t>(p) * (dc + 1)];
+        for (int r = 0; r <= dc; ++r) {
+          const std::size_t axis_start = static_cast<std::size_t>(axis_of_rank[dc - r]) * m;
+          const int32_t v = simplex[r == dc ? 0 : r + 1];
+          __atomic_store_n(&next_out[axis_start + simplex[r]], v, __ATOMIC_RELAXED);
+          __atomic_store_n(&has_previous_out[axis_start + v], uint8_t{1}, __ATOMIC_RELAXED);
+        }
       }
     }
-  }
+  });
   free_storage(rank);
   // The other links by hash look-ups of n1, which has one answer: each entry has one writer.
+  // Most n1 are absent (no point's simplex reached them) and the filter answers those. The
+  // look-ups are latency-bound: a batch of candidates goes through the filter, the slot and
+  // the stored key in passes, each prefetching what the next one reads.
+  table.build_filter();
 #pragma omp parallel num_threads(threads)
   {
-    constexpr int kBatch = 48;  // look-ups in flight
-    std::vector<int32_t> keys(static_cast<std::size_t>(kBatch) * d), batch_vertex(kBatch), batch_axis(kBatch);
-    std::vector<uint32_t> batch_hashes(kBatch);
+    constexpr int kBatch = 64;
+    struct Candidate {
+      int32_t vertex;
+      int32_t axis;
+      uint32_t hash;
+    };
+    std::vector<Candidate> batch(kBatch + d1);  // flushed once kBatch are pending
+    int32_t* const next_out = next.data();
+    uint8_t* const has_previous_out = has_previous.data();
+    std::vector<int32_t> n1(d);
     int pending = 0;
     auto resolve = [&] {
+      int kept = 0;
+      for (int b = 0; b < pending; ++b) table.prefetch_filter(batch[b].hash);
       for (int b = 0; b < pending; ++b) {
-        const int u = table.find(&keys[static_cast<std::size_t>(b) * d], batch_hashes[b]);
+        if (!table.may_contain(batch[b].hash)) continue;
+        table.prefetch(batch[b].hash);
+        batch[kept++] = batch[b];
+      }
+      for (int b = 0; b < kept; ++b) table.prefetch_key(batch[b].hash);
+      for (int b = 0; b < kept; ++b) {
+        const Candidate& candidate = batch[b];
+        const int32_t* k = table.key(candidate.vertex);
+        for (int i = 0; i < d; ++i) n1[i] = k[i] - 1;
+        if (candidate.axis < d) n1[candidate.axis] = k[candidate.axis] + d;
+        const int u = table.find(n1.data(), candidate.hash);
         if (u < 0) continue;
-        has_previous[static_cast<std::size_t>(batch_axis[b]) * m + batch_vertex[b]] = 1;
-        next[static_cast<std::size_t>(batch_axis[b]) * m + u] = batch_vertex[b];
+        has_previous_out[static_cast<std::size_t>(candidate.axis) * m + candidate.vertex] = 1;
+        next_out[static_cast<std::size_t>(candidate.axis) * m + u] = candidate.vertex;
       }
       pending = 0;
     };
+    // n1 = key + delta_j, delta_j = -1 everywhere but + d at j (nothing for j = d): the linear
+    // part of its hash is the key's plus that of delta_j.
+    std::vector<uint64_t> delta_hash(d1);
+    {
+      std::vector<int32_t> delta(d);
+      for (int j = 0; j <= d; ++j) {
+        std::fill(delta.begin(), delta.end(), -1);
+        if (j < d) delta[j] = d;
+        delta_hash[j] = LatticeHashTable::linear_hash(delta.data(), d);
+      }
+    }
     with_dimension(d, [&](auto kDim) {
       const int dc = kDim > 0 ? kDim : d;  // a compile-time constant for d = 1..6
 #pragma omp for schedule(static)
       for (int v = 0; v < m; ++v) {
-        const int32_t* k = table.key(v);
+        const uint64_t key_hash = LatticeHashTable::linear_hash(table.key(v), dc);
+        // Branch-free: whether an axis still needs its look-up follows no pattern.
         for (int j = 0; j <= dc; ++j) {
-          if (has_previous[static_cast<std::size_t>(j) * m + v]) continue;
-          int32_t* n1 = &keys[static_cast<std::size_t>(pending) * dc];
-          for (int i = 0; i < dc; ++i) n1[i] = k[i] - 1;
-          if (j < dc) n1[j] = k[j] + dc;
-          batch_hashes[pending] = LatticeHashTable::hash(n1, dc);
-          table.prefetch(batch_hashes[pending]);
-          batch_vertex[pending] = v;
-          batch_axis[pending] = j;
-          if (++pending == kBatch) resolve();
+          const uint32_t h = LatticeHashTable::finish(key_hash + delta_hash[j]);
+          batch[pending] = Candidate{v, j, h};
+          pending += !has_previous_out[static_cast<std::size_t>(j) * m + v];
         }
+        if (pending >= kBatch) resolve();
       }
     });
     resolve();
@@ -328,11 +371,20 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   for (int j = 0; j <= d; ++j) {
     const int32_t* axis_next = &next[static_cast<std::size_t>(j) * m];
     const uint8_t* axis_has_previous = &has_previous[static_cast<std::size_t>(j) * m];
-    int32_t element = axis_elements[j], chain = axis_chains[j];
-    for (int v = 0; v < m; ++v) {
-      if (axis_has_previous[v] || axis_next[v] < 0) continue;
-      chain_start_[chain++] = element;
-      for (int u = v; u >= 0; u = axis_next[u]) chain_vertices_[element++] = u;
+    // The heads first, branch-free (a quarter of the vertices, in no predictable pattern),
+    // into the chain starts, which the walks then overwrite one by one.
+    int32_t* const heads = chain_start_.data() + axis_chains[j];
+    const int32_t n_heads = axis_chains[j + 1] - axis_chains[j];
+    for (int v = 0, found = 0; found < n_heads; ++v) {  // heads[found] is written in range only
+      heads[found] = v;
+      found += !axis_has_previous[v] & (axis_next[v] >= 0);
+    }
+    int32_t* const out = chain_vertices_.data();
+    int32_t element = axis_elements[j];
+    for (int c = 0; c < n_heads; ++c) {
+      const int32_t head = heads[c];
+      heads[c] = element;
+      for (int u = head; u >= 0; u = axis_next[u]) out[element++] = u;
     }
   }
 

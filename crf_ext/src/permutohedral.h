@@ -96,7 +96,8 @@ class Permutohedral {
   void blur(float* values, int stride, bool reverse) const;
   // out[0..stride) = alpha * sum_j b_pj * values[v_pj] for point p. pydensecrf has two code
   // paths that round differently: channels > 2 folds alpha into the weight first.
-  template <int kStride>
+  // kDim: the lattice's dimension as a compile-time constant (0: only known at run time).
+  template <int kStride, int kDim = 0>
   void slice_point(int point, const float* values, int stride, bool alpha_in_weight, float* out) const;
 
   // Convenience: the whole filter, out = K in, for `channels` values per point (n_points x
@@ -259,11 +260,11 @@ void Permutohedral::blur_axis(float* values, int stride, int axis) const {
   }
 }
 
-template <int kStride>
+template <int kStride, int kDim>
 void Permutohedral::slice_point(int point, const float* values, int stride, bool alpha_in_weight,
                                 float* __restrict out) const {
   const int s = kStride > 0 ? kStride : stride;
-  const int d1 = dim_ + 1;
+  const int d1 = (kDim > 0 ? kDim : dim_) + 1;
   const int32_t* vertices = &point_vertices_[static_cast<std::size_t>(point) * d1];
   const float* weights = &point_weights_[static_cast<std::size_t>(point) * d1];
   if constexpr (kStride > 0) {  // the sums in vector registers
