@@ -223,9 +223,8 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times)
           const int count = std::min(kChunk, n - start);
           std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * stride,
                       static_cast<std::size_t>(count) * stride, logits.data());
-          // Kernel by kernel over the chunk (each point still subtracts in kernel order): one
-          // lattice's rows at a time stay in cache.
-          // DenseCRF2D's dimensions (2 and 5) with their own unrolled code.
+          // Kernel by kernel over the chunk (each point still subtracts in kernel order), so that
+          // one lattice's rows at a time stay in cache; DenseCRF2D's dimensions (2 and 5) unrolled.
           for (int k = 0; k < n_kernels; ++k) {
             with_constant<2, 5>(kernels_[k]->lattice().dim(), [&](auto kDim) {
               for (int i = 0; i < count; ++i) {
