@@ -8,7 +8,7 @@ OFFICIAL_DIR: a local snapshot of the official repository (models/, configs/stag
 utils/densecrf.py, ...). Its code is GPL-3.0: it is run from its own folder, in a separate process,
 never copied here. That process makes `.cuda()` a no-op and stubs the unused torchvision import
 before `runpy` runs its `stage2.py` as `__main__`; nothing of it is edited. Needs torch (CPU) and
-pydensecrf (the `torch` and `test` extras).
+pydensecrf (the `torch` and `test` extras) and yacs (the official code's config library).
 
 Steps (everything under --work):
 1. `voc/`: the first --images photos of --data with VOC-class boxes laid out as PASCAL VOC by
@@ -31,6 +31,7 @@ Prints one table and writes `--work/parity.json`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -258,6 +259,9 @@ def main() -> None:
         return
     if not (official / "stage2.py").is_file() or not (official / "models" / "ClsNet.py").is_file():
         raise SystemExit(f"{official} is not a snapshot of cvlab-yonsei/BANA (no stage2.py, models/ClsNet.py)")
+    missing = [name for name in ("torch", "pydensecrf", "yacs") if importlib.util.find_spec(name) is None]
+    if missing and not args.skip_official:
+        raise SystemExit(f"the official stage 2 needs {', '.join(missing)}: pip install -e \".[torch,test]\" yacs")
     work = args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
     voc = (args.voc_root or work / "voc").absolute()
