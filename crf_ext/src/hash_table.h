@@ -86,22 +86,15 @@ class LatticeHashTable {
   // Look-ups are latency-bound (the table outgrows the caches): callers hash a batch of keys,
   // prefetch their slots, then resolve them.
   void prefetch(uint32_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
-  // Once the slot is in cache: prefetches the stored key that find() will compare, if the home
-  // slot holds a key with this hash.
-  void prefetch_key(uint32_t h) const {
-    const Slot& slot = slots_[h & mask_];
-    if (slot.id >= 0 && slot.hash == h) __builtin_prefetch(key(slot.id));
-  }
 
-  // A Bloom filter of the keys inserted so far (two bits in one 64-bit word per key, about 8
+  // A Bloom filter of the keys inserted so far (two bits in one 64-bit word per key, 8 to 16
   // bits per key), small enough to stay in cache: most look-ups of absent keys end here
   // instead of in the table. False means absent; true means look it up.
   void build_filter() {
     std::size_t words = 64;
     while (words * 64 < 8 * n_keys_) words *= 2;
     filter_.assign(words, 0);
-    filter_shift_ = 64;
-    for (std::size_t w = words; w > 1; w /= 2) --filter_shift_;
+    filter_shift_ = 64 - __builtin_ctzll(words);  // words is a power of two
     for (const Slot& slot : slots_) {
       if (slot.id >= 0) filter_[filter_word(slot.hash)] |= filter_bits(slot.hash);
     }

@@ -278,9 +278,17 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   free_storage(rank);
   // The other links by hash look-ups of n1, which has one answer: each entry has one writer.
   // Most n1 are absent (no point's simplex reached them) and the filter answers those. The
-  // look-ups are latency-bound: a batch of candidates goes through the filter, the slot and
-  // the stored key in passes, each prefetching what the next one reads.
+  // look-ups are latency-bound: a batch of candidates goes through the filter, then the table,
+  // in passes, each prefetching what the next one reads.
   table.build_filter();
+  // n1 along axis j = key + delta_j, delta_j = -1 everywhere but + d at j (nothing for j = d):
+  // the linear part of its hash is the key's plus that of delta_j.
+  std::vector<int32_t> deltas(static_cast<std::size_t>(d1) * d, -1);
+  std::vector<uint64_t> delta_hash(d1);
+  for (int j = 0; j <= d; ++j) {
+    if (j < d) deltas[static_cast<std::size_t>(j) * d + j] = d;
+    delta_hash[j] = LatticeHashTable::linear_hash(&deltas[static_cast<std::size_t>(j) * d], d);
+  }
 #pragma omp parallel num_threads(threads)
   {
     constexpr int kBatch = 64;
@@ -302,12 +310,11 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
         table.prefetch(batch[b].hash);
         batch[kept++] = batch[b];
       }
-      for (int b = 0; b < kept; ++b) table.prefetch_key(batch[b].hash);
       for (int b = 0; b < kept; ++b) {
         const Candidate& candidate = batch[b];
         const int32_t* k = table.key(candidate.vertex);
-        for (int i = 0; i < d; ++i) n1[i] = k[i] - 1;
-        if (candidate.axis < d) n1[candidate.axis] = k[candidate.axis] + d;
+        const int32_t* delta = &deltas[static_cast<std::size_t>(candidate.axis) * d];
+        for (int i = 0; i < d; ++i) n1[i] = k[i] + delta[i];
         const int u = table.find(n1.data(), candidate.hash);
         if (u < 0) continue;
         has_previous_out[static_cast<std::size_t>(candidate.axis) * m + candidate.vertex] = 1;
@@ -315,17 +322,6 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
       pending = 0;
     };
-    // n1 = key + delta_j, delta_j = -1 everywhere but + d at j (nothing for j = d): the linear
-    // part of its hash is the key's plus that of delta_j.
-    std::vector<uint64_t> delta_hash(d1);
-    {
-      std::vector<int32_t> delta(d);
-      for (int j = 0; j <= d; ++j) {
-        std::fill(delta.begin(), delta.end(), -1);
-        if (j < d) delta[j] = d;
-        delta_hash[j] = LatticeHashTable::linear_hash(delta.data(), d);
-      }
-    }
     with_dimension(d, [&](auto kDim) {
       const int dc = kDim > 0 ? kDim : d;  // a compile-time constant for d = 1..6
 #pragma omp for schedule(static)
