@@ -186,18 +186,29 @@ void DenseCrf::subtract_message(const PairwiseKernel& kernel, int point, const f
 void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times) const {
   const int n = n_points_, c = n_labels_, stride = stride_;
   const int n_kernels = static_cast<int>(kernels_.size());
-  std::vector<PooledArray<float>> values;
-  for (int k = 0; k < n_kernels; ++k) values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
-  // Timing: thread 0 reads the clock after each phase's closing barrier; the busy time of every
-  // thread in the slice and in the softmax splits their shared loop.
+  const int threads = resolve_threads(num_threads);
+  // With one thread the next iteration's splat is a scatter inside the slice loop: each point's
+  // new q goes onto its vertices right after its softmax, while its rows are still in cache,
+  // into a second buffer per kernel (the first is still being sliced). Points in increasing
+  // order give every vertex the sums the gather gives. Several threads would race on shared
+  // vertices: they gather, as a phase of its own.
+  const bool scatter = threads == 1 && n_iter > 1;
+  std::vector<PooledArray<float>> values, next;
+  for (int k = 0; k < n_kernels; ++k) {
+    values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
+    if (scatter) next.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
+  }
+  // Timing: thread 0 reads the clock after each phase's closing barrier; the shared loop's time
+  // is split by every thread's busy time in the slice, the softmax and the scatter.
   Clock::time_point mark;
-  double splat_time = 0, blur_time = 0, loop_time = 0, slice_busy = 0, softmax_busy = 0;
+  double splat_time = 0, blur_time = 0, loop_time = 0, slice_busy = 0, softmax_busy = 0, scatter_busy = 0;
   with_stride(stride, [&](auto kStride) {
-#pragma omp parallel num_threads(resolve_threads(num_threads))
+#pragma omp parallel num_threads(threads)
     {
       std::vector<float> logits(static_cast<std::size_t>(kChunk) * stride), by_label(static_cast<std::size_t>(kChunk) * stride);
       std::vector<float> sliced(stride);
-      double my_slice = 0, my_softmax = 0;
+      double my_slice = 0, my_softmax = 0, my_scatter = 0;
+      auto now = [&] { return times != nullptr ? Clock::now() : Clock::time_point{}; };
       auto phase_done = [&](double& total) {
         if (times != nullptr && thread_index() == 0) {
           total += seconds_since(mark);
@@ -206,20 +217,27 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times)
       };
       if (times != nullptr && thread_index() == 0) mark = Clock::now();
       for (int it = 0; it < n_iter; ++it) {
-        // Every splat reads q before any point of q is overwritten below.
-        for (int k = 0; k < n_kernels; ++k) {
-          kernels_[k]->lattice().template splat<kStride>(q, stride, kernels_[k]->pre_scale(), values[k].get());
+        if (!scatter || it == 0) {
+          // Every splat reads q before any point of q is overwritten below.
+          for (int k = 0; k < n_kernels; ++k) {
+            kernels_[k]->lattice().template splat<kStride>(q, stride, kernels_[k]->pre_scale(), values[k].get());
+          }
+          phase_done(splat_time);
         }
-        phase_done(splat_time);
         for (int k = 0; k < n_kernels; ++k) {
           kernels_[k]->lattice().template blur<kStride>(values[k].get(), stride, false);
         }
         phase_done(blur_time);
+        const bool scatter_now = scatter && it + 1 < n_iter;
+        if (scatter_now) {
+          for (int k = 0; k < n_kernels; ++k) std::fill_n(next[k].get(), kernels_[k]->lattice().buffer_size(stride), 0.0f);
+          phase_done(splat_time);
+        }
         // logits = -U - sum_k compat_k(K_k q), in pydensecrf's order, then softmax into q. Guided:
         // the slice costs more where the image has more vertices.
 #pragma omp for schedule(guided, 4)
         for (int start = 0; start < n; start += kChunk) {
-          const Clock::time_point slice_start = times != nullptr ? Clock::now() : Clock::time_point{};
+          const Clock::time_point slice_start = now();
           const int count = std::min(kChunk, n - start);
           std::copy_n(neg_unary_.data() + static_cast<std::size_t>(start) * stride,
                       static_cast<std::size_t>(count) * stride, logits.data());
@@ -233,13 +251,28 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times)
               }
             });
           }
-          const Clock::time_point softmax_start = times != nullptr ? Clock::now() : Clock::time_point{};
-          softmax_chunk(logits.data(), count, c, stride, by_label.data(), q + static_cast<std::size_t>(start) * stride);
+          const Clock::time_point softmax_start = now();
+          float* q_chunk = q + static_cast<std::size_t>(start) * stride;
+          softmax_chunk(logits.data(), count, c, stride, by_label.data(), q_chunk);
+          const Clock::time_point scatter_start = now();
+          if (scatter_now) {
+            for (int k = 0; k < n_kernels; ++k) {
+              const Permutohedral& lattice = kernels_[k]->lattice();
+              with_constant<2, 5>(lattice.dim(), [&](auto kDim) {
+                for (int i = 0; i < count; ++i) {
+                  lattice.template splat_point<kStride, kDim>(start + i, q_chunk + static_cast<std::size_t>(i) * stride,
+                                                              stride, kernels_[k]->pre_scale(), next[k].get());
+                }
+              });
+            }
+          }
           if (times != nullptr) {
             my_slice += std::chrono::duration<double>(softmax_start - slice_start).count();
-            my_softmax += seconds_since(softmax_start);
+            my_softmax += std::chrono::duration<double>(scatter_start - softmax_start).count();
+            my_scatter += seconds_since(scatter_start);
           }
         }
+        if (scatter_now) values.swap(next);  // one thread: no other reads them
         phase_done(loop_time);
       }
       if (times != nullptr) {
@@ -247,16 +280,19 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times)
         slice_busy += my_slice;
 #pragma omp atomic
         softmax_busy += my_softmax;
+#pragma omp atomic
+        scatter_busy += my_scatter;
       }
     }
   });
   if (times != nullptr) {
-    times->splat += splat_time;
+    const double busy = slice_busy + softmax_busy + scatter_busy;
+    times->splat += splat_time + (busy > 0 ? loop_time * scatter_busy / busy : 0.0);
     times->blur += blur_time;
-  }
-  if (times != nullptr && slice_busy + softmax_busy > 0) {
-    times->slice += loop_time * slice_busy / (slice_busy + softmax_busy);
-    times->softmax += loop_time * softmax_busy / (slice_busy + softmax_busy);
+    if (busy > 0) {
+      times->slice += loop_time * slice_busy / busy;
+      times->softmax += loop_time * softmax_busy / busy;
+    }
   }
 }
 

@@ -13,8 +13,8 @@
 namespace crf {
 
 // Where the time of a call goes (wall-clock seconds, the iterations' phases summed over them), for
-// bench/crf.py. slice and softmax share one loop: its time is split by the threads' busy time in
-// each.
+// bench/crf.py. slice and softmax (and, with one thread, the splat) share one loop: its time is
+// split by the threads' busy time in each.
 struct PhaseTimes {
   double build = 0, splat = 0, blur = 0, slice = 0, softmax = 0;
 };

@@ -99,6 +99,12 @@ class Permutohedral {
   // kDim: the lattice's dimension as a compile-time constant (0: only known at run time).
   template <int kStride, int kDim = 0>
   void slice_point(int point, const float* values, int stride, bool alpha_in_weight, float* out) const;
+  // The splat as a scatter, one point at a time: values[v_pj] += b_pj * (in * point_scale[p]) for
+  // the d+1 vertices of point p (`in`: its `stride` floats; `point_scale` may be null). Called
+  // for every point in increasing order on zeroed values, it sums what splat() sums, in the same
+  // order; serial only (points share vertices).
+  template <int kStride, int kDim = 0>
+  void splat_point(int point, const float* in, int stride, const float* point_scale, float* values) const;
 
   // Convenience: the whole filter, out = K in, for `channels` values per point (n_points x
   // channels, point-major), with pydensecrf's code path for that channel count.
@@ -293,6 +299,41 @@ void Permutohedral::slice_point(int point, const float* values, int stride, bool
         for (int c = 0; c < s; ++c) out[c] += w_alpha * row[c];
       } else {
         for (int c = 0; c < s; ++c) out[c] += w * row[c] * alpha_;
+      }
+    }
+  }
+}
+
+template <int kStride, int kDim>
+void Permutohedral::splat_point(int point, const float* in, int stride, const float* point_scale,
+                                float* __restrict values) const {
+  const int s = kStride > 0 ? kStride : stride;
+  const int d1 = (kDim > 0 ? kDim : dim_) + 1;
+  const int32_t* vertices = &point_vertices_[static_cast<std::size_t>(point) * d1];
+  const float* weights = &point_weights_[static_cast<std::size_t>(point) * d1];
+  const float scale = point_scale != nullptr ? point_scale[point] : 1.0f;
+  if constexpr (kStride > 0) {
+    using Shape = RowShape<kStride>;
+    constexpr int kLanes = Shape::kLanes, kRows = Shape::kRows;
+    using Row = Floats<kLanes>;
+    Row x[kRows];
+    for (int i = 0; i < kRows; ++i) x[i] = load<kLanes>(in + i * kLanes);
+    if (point_scale != nullptr) {
+      for (int i = 0; i < kRows; ++i) x[i] = x[i] * scale;
+    }
+    for (int j = 0; j < d1; ++j) {
+      const float w = weights[j];
+      float* row = values + static_cast<std::size_t>(vertices[j]) * kStride;
+      for (int i = 0; i < kRows; ++i) store<kLanes>(row + i * kLanes, load<kLanes>(row + i * kLanes) + w * x[i]);
+    }
+  } else {
+    for (int j = 0; j < d1; ++j) {
+      const float w = weights[j];
+      float* row = values + static_cast<std::size_t>(vertices[j]) * s;
+      if (point_scale != nullptr) {
+        for (int c = 0; c < s; ++c) row[c] += w * (in[c] * scale);
+      } else {
+        for (int c = 0; c < s; ++c) row[c] += w * in[c];
       }
     }
   }

@@ -55,6 +55,26 @@ def test_2d_inference_matches_pydensecrf(photo, compat_kind, normalization):
     assert (got.argmax(0) == want.argmax(0)).mean() >= 0.9999
 
 
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("n_labels", [2, 18])
+def test_one_thread_gives_the_bits_of_two(photo, normalization, n_labels):
+    """One thread splats as a scatter inside the slice loop, two gather per vertex: the same bits
+    for every normalisation (scales before and after the filter), 2 labels (pydensecrf's other
+    slice), 18 (a stride with no code of its own) and a 3-D kernel (no unrolled dimension)."""
+    height, width = photo.shape[:2]
+    unary = random_unary(n_labels, height * width, seed=5)
+    compat = compat_of("matrix", n_labels, np.random.default_rng(6))
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    volume_features = np.stack([xs / 5, ys / 5, photo.mean(-1, dtype=np.float32) / 10]).reshape(3, -1)
+    results = []
+    for threads in (1, 2):
+        crf = build_2d(crf_ext, photo, unary, compat, normalization)
+        crf.addPairwiseEnergy(volume_features, compat=2.0, normalization=getattr(crf_ext, normalization))
+        crf.num_threads = threads
+        results.append(np.asarray(crf.inference(5)))
+    assert np.array_equal(results[0], results[1])
+
+
 def test_any_feature_dimension_volume(photo):
     """A 3-D volume with one intensity channel: features from the utils, 3 and 4 dimensions."""
     shape = (6, 9, 11)
