@@ -221,6 +221,7 @@ PYBIND11_MODULE(CRF_EXT_MODULE, m) {
       .def_property_readonly("n_vertices", &crf::Permutohedral::n_vertices)
       .def_property_readonly("n_points", &crf::Permutohedral::n_points)
       .def_property_readonly("dim", &crf::Permutohedral::dim)
+      .def_property_readonly("exact_codes", &crf::Permutohedral::exact_codes)
       .def("keys",
            [](const crf::Permutohedral& lattice) {
              py::array_t<int32_t> keys({lattice.n_vertices(), lattice.dim()});

@@ -1,8 +1,9 @@
-// Open-addressing hash set of permutohedral lattice keys.
+// Open-addressing hash map from permutohedral lattice keys to vertex ids.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "buffer_pool.h"
@@ -11,75 +12,92 @@ namespace crf {
 
 // Keys are `key_size` int32 coordinates; ids are assigned in insertion order, so inserting the
 // vertices of the points in raster order numbers them in first-touch order, as pydensecrf does.
-// Linear probing over a power-of-two table that is kept at most half full. Each slot stores the
-// full 32-bit hash next to the id so that most mismatches are rejected without touching the keys.
+// Linear probing over a power-of-two table that is kept at most half full.
+//
+// A key is looked up by its code, sum_i key[i] * factor_i modulo 2^64: linear, so the code of a
+// neighbour key + delta is code(key) + code(delta), and the multiplies of a key are independent.
+// When every key that will be inserted or looked up lies in a box of at most 2^64 points, the
+// factors are the box's mixed-radix place values and distinct keys have distinct codes: a
+// slot's code alone decides a match and the keys are not stored (BANA's lattices at 500x375:
+// about 18 bits for the Gaussian kernel, 43 for the bilateral). Otherwise the factors are unrelated odd numbers (lattice keys differ by small integer
+// vectors, on which factors like (2i + 1) g would cancel) and a matching code is confirmed on
+// the stored key.
 class LatticeHashTable {
  public:
-  LatticeHashTable(int key_size, std::size_t expected_keys) : key_size_(key_size) {
+  // `lowest` / `highest`: key_size bounds on the coordinates of every key that will be inserted
+  // or looked up. `keep_keys`: store the keys even when the codes are exact (keys()).
+  LatticeHashTable(int key_size, std::size_t expected_keys, const int32_t* lowest, const int32_t* highest,
+                   bool keep_keys)
+      : key_size_(key_size), factors_(key_size) {
+    uint64_t place = 1;
+    exact_ = true;
+    for (int i = 0; i < key_size; ++i) {
+      const uint64_t range = static_cast<uint64_t>(static_cast<int64_t>(highest[i]) - lowest[i] + 1);
+      factors_[i] = place;
+      if (range > std::numeric_limits<uint64_t>::max() / place) exact_ = false;
+      place *= range;
+    }
+    if (!exact_) {
+      for (int i = 0; i < key_size; ++i) factors_[i] = random_factor(i);
+    }
+    store_keys_ = !exact_ || keep_keys;
     std::size_t capacity = 16;
     while (capacity < 2 * expected_keys) capacity *= 2;
-    slots_.assign(capacity, Slot{-1, 0});
+    slots_.assign(capacity, Slot{0, -1, 0});
     mask_ = capacity - 1;
-    keys_.reserve(expected_keys * key_size_);
+    codes_.reserve(expected_keys);
+    if (store_keys_) keys_.reserve(expected_keys * key_size_);
   }
 
   int size() const { return static_cast<int>(n_keys_); }
-  const int32_t* key(int id) const { return keys_.data() + static_cast<std::size_t>(id) * key_size_; }
+  bool exact() const { return exact_; }
+  // The stored keys, id-major (empty when the codes are exact and keep_keys was not asked).
   const PooledVector<int32_t>& keys() const { return keys_; }
+  const int32_t* key(int id) const { return keys_.data() + static_cast<std::size_t>(id) * key_size_; }
+  uint64_t code_of(int id) const { return codes_[id]; }
 
-  static uint32_t hash(const int32_t* key, int key_size) { return finish(linear_hash(key, key_size)); }
-
-  // A sum of products with one random odd factor per coordinate: the multiplies are
-  // independent, so a key's coordinates (and the keys of a simplex) hash in parallel rather
-  // than in one dependent chain. Linear modulo 2^64 (coordinates sign-extended), so the hash of
-  // a neighbour, key + delta, is linear_hash(key) + linear_hash(delta). The factors must be
-  // unrelated: lattice keys differ by small integer vectors, and factors like (2i + 1) g would
-  // cancel on them exactly.
-  static uint64_t linear_hash(const int32_t* key, int key_size) {
-    uint64_t h = 0;
-    for (int i = 0; i < key_size; ++i) h += static_cast<uint64_t>(static_cast<int64_t>(key[i])) * factor(i);
-    return h;
+  // kSize: key_size as a compile-time constant, or 0.
+  template <int kSize = 0>
+  uint64_t code(const int32_t* key) const {
+    const int size = kSize > 0 ? kSize : key_size_;
+    uint64_t sum = 0;
+    for (int i = 0; i < size; ++i) sum += static_cast<uint64_t>(static_cast<int64_t>(key[i])) * factors_[i];
+    return sum;
   }
 
-  // Finaliser of MurmurHash3: the table indexes with the low bits, which the sum leaves
-  // dependent on the low bits of the coordinates only.
-  static uint32_t finish(uint64_t h) {
-    h ^= h >> 33;
-    h *= 0xFF51AFD7ED558CCDull;
-    h ^= h >> 33;
-    h *= 0xC4CEB9FE1A85EC53ull;
-    h ^= h >> 33;
-    return static_cast<uint32_t>(h);
+  // The slot hash of a code: MurmurHash3's finaliser (the table indexes with the low bits, which
+  // the sum leaves dependent on the low bits of the coordinates only).
+  static uint32_t hash(uint64_t code) {
+    code ^= code >> 33;
+    code *= 0xFF51AFD7ED558CCDull;
+    code ^= code >> 33;
+    code *= 0xC4CEB9FE1A85EC53ull;
+    code ^= code >> 33;
+    return static_cast<uint32_t>(code);
   }
 
-  // SplitMix64 of i, made odd (folded to a constant where the key size is known at compile time).
-  static constexpr uint64_t factor(int i) {
-    uint64_t z = static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return (z ^ (z >> 31)) | 1;
-  }
-
-  // Id of `key` (whose hash() is `h`), inserted if absent.
-  int insert(const int32_t* key, uint32_t h) {
+  // Id of `key` (with this code and hash), inserted if absent.
+  int insert(const int32_t* key, uint64_t code, uint32_t h) {
     if (2 * (n_keys_ + 1) > slots_.size()) grow();
     for (std::size_t s = h & mask_;; s = (s + 1) & mask_) {
       Slot& slot = slots_[s];
       if (slot.id < 0) {
-        slot = Slot{static_cast<int32_t>(n_keys_), h};
-        keys_.insert(keys_.end(), key, key + key_size_);
+        slot = Slot{code, static_cast<int32_t>(n_keys_), h};
+        codes_.push_back(code);
+        if (store_keys_) keys_.insert(keys_.end(), key, key + key_size_);
         return static_cast<int>(n_keys_++);
       }
-      if (slot.hash == h && same_key(slot.id, key)) return slot.id;
+      if (slot.code == code && (exact_ || same_key(slot.id, key))) return slot.id;
     }
   }
 
-  // Id of `key` (whose hash() is `h`), or -1. Read-only: safe to call from several threads.
-  int find(const int32_t* key, uint32_t h) const {
+  // Id of the key with this code and hash, or -1; `key` is read only when the codes are not
+  // exact (it may be null otherwise). Read-only: safe to call from several threads.
+  int find(const int32_t* key, uint64_t code, uint32_t h) const {
     for (std::size_t s = h & mask_;; s = (s + 1) & mask_) {
       const Slot& slot = slots_[s];
       if (slot.id < 0) return -1;
-      if (slot.hash == h && same_key(slot.id, key)) return slot.id;
+      if (slot.code == code && (exact_ || same_key(slot.id, key))) return slot.id;
     }
   }
 
@@ -107,9 +125,18 @@ class LatticeHashTable {
 
  private:
   struct Slot {
+    uint64_t code;
     int32_t id;
     uint32_t hash;
   };
+
+  // SplitMix64 of i, made odd.
+  static constexpr uint64_t random_factor(int i) {
+    uint64_t z = static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (z ^ (z >> 31)) | 1;
+  }
 
   // The filter's word and bits from a remix of the hash: the table's slot is its low bits.
   static uint64_t filter_mix(uint32_t h) { return static_cast<uint64_t>(h) * 0x9E3779B97F4A7C15ull; }
@@ -130,7 +157,7 @@ class LatticeHashTable {
   void grow() {
     PooledVector<Slot> old;
     old.swap(slots_);
-    slots_.assign(old.size() * 2, Slot{-1, 0});
+    slots_.assign(old.size() * 2, Slot{0, -1, 0});
     mask_ = slots_.size() - 1;
     for (const Slot& slot : old) {
       if (slot.id < 0) continue;
@@ -141,10 +168,14 @@ class LatticeHashTable {
   }
 
   int key_size_;
+  std::vector<uint64_t> factors_;
+  bool exact_ = false;
+  bool store_keys_ = true;
   std::size_t n_keys_ = 0;
   std::size_t mask_ = 0;
   PooledVector<Slot> slots_;
-  PooledVector<int32_t> keys_;
+  PooledVector<uint64_t> codes_;  // per id
+  PooledVector<int32_t> keys_;    // per id, when stored
   PooledVector<uint64_t> filter_;
   int filter_shift_ = 64;
 };

@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -207,23 +208,46 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // neighbouring points share more vertices (0.13 N for BANA's Gaussian kernel; a table for
   // 2 N would be 32 MB at 1000x750).
   const std::size_t expected_vertices = d >= 3 ? static_cast<std::size_t>(n_padded) * 2 : n_padded / 4;
-  auto owned_table = std::make_unique<LatticeHashTable>(d, expected_vertices);
+  // Bounds on every key inserted (remainder-0 point - (d + 1) to + d) or looked up (n1, below:
+  // a vertex - 1 to + d), for the table's codes.
+  std::vector<int32_t> lowest(d, std::numeric_limits<int32_t>::max()), highest(d, std::numeric_limits<int32_t>::min());
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> my_lowest(lowest), my_highest(highest);
+#pragma omp for schedule(static)
+    for (int p = 0; p < n_padded; ++p) {
+      for (int i = 0; i < d; ++i) {
+        my_lowest[i] = std::min(my_lowest[i], rem0[static_cast<std::size_t>(p) * d1 + i]);
+        my_highest[i] = std::max(my_highest[i], rem0[static_cast<std::size_t>(p) * d1 + i]);
+      }
+    }
+#pragma omp critical
+    for (int i = 0; i < d; ++i) {
+      lowest[i] = std::min(lowest[i], my_lowest[i] - (d + 2));
+      highest[i] = std::max(highest[i], my_highest[i] + 2 * d);
+    }
+  }
+  auto owned_table = std::make_unique<LatticeHashTable>(d, expected_vertices, lowest.data(), highest.data(), keep_keys);
   LatticeHashTable& table = *owned_table;
+  exact_codes_ = table.exact();
   point_vertices_.resize(static_cast<std::size_t>(n_points) * d1);
   auto number_vertices = [&](auto kDim) {
     const int dc = kDim > 0 ? kDim : d, dc1 = dc + 1;  // compile-time constants for d = 1..6
     constexpr int kAhead = 4;
     const std::size_t ring_stride = static_cast<std::size_t>(dc1) * dc;
     std::vector<int32_t> ring_keys((kAhead + 1) * ring_stride);
+    std::vector<uint64_t> ring_codes((kAhead + 1) * dc1);
     std::vector<uint32_t> ring_hashes((kAhead + 1) * dc1);
-    auto stage = [&](int p) {  // keys and hashes of point p into its ring slot; slots prefetched
+    auto stage = [&](int p) {  // keys, codes and hashes of point p into its ring slot; slots prefetched
       if (same_as_previous[p]) return;
       const int slot = p % (kAhead + 1);
       int32_t* keys = &ring_keys[slot * ring_stride];
       simplex_vertex_keys<kDim>(&rem0[static_cast<std::size_t>(p) * dc1], &rank[static_cast<std::size_t>(p) * dc1],
                                 dc, keys);
       for (int r = 0; r <= dc; ++r) {
-        ring_hashes[slot * dc1 + r] = LatticeHashTable::hash(keys + r * dc, dc);
+        const uint64_t code = table.code<kDim>(keys + r * dc);
+        ring_codes[slot * dc1 + r] = code;
+        ring_hashes[slot * dc1 + r] = LatticeHashTable::hash(code);
         table.prefetch(ring_hashes[slot * dc1 + r]);
       }
     };
@@ -234,7 +258,8 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       if (!same_as_previous[p]) {
         const int slot = p % (kAhead + 1);
         for (int r = 0; r <= dc; ++r) {
-          vertices[r] = table.insert(&ring_keys[slot * ring_stride + r * dc], ring_hashes[slot * dc1 + r]);
+          vertices[r] = table.insert(&ring_keys[slot * ring_stride + r * dc], ring_codes[slot * dc1 + r],
+                                     ring_hashes[slot * dc1 + r]);
         }
       }
       if (p < n_points) std::copy(vertices.begin(), vertices.end(), &point_vertices_[static_cast<std::size_t>(p) * dc1]);
@@ -282,12 +307,12 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
   // in passes, each prefetching what the next one reads.
   table.build_filter();
   // n1 along axis j = key + delta_j, delta_j = -1 everywhere but + d at j (nothing for j = d):
-  // the linear part of its hash is the key's plus that of delta_j.
+  // its code is the key's plus that of delta_j.
   std::vector<int32_t> deltas(static_cast<std::size_t>(d1) * d, -1);
-  std::vector<uint64_t> delta_hash(d1);
+  std::vector<uint64_t> delta_codes(d1);
   for (int j = 0; j <= d; ++j) {
     if (j < d) deltas[static_cast<std::size_t>(j) * d + j] = d;
-    delta_hash[j] = LatticeHashTable::linear_hash(&deltas[static_cast<std::size_t>(j) * d], d);
+    delta_codes[j] = table.code(&deltas[static_cast<std::size_t>(j) * d]);
   }
 #pragma omp parallel num_threads(threads)
   {
@@ -312,10 +337,13 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       }
       for (int b = 0; b < kept; ++b) {
         const Candidate& candidate = batch[b];
-        const int32_t* k = table.key(candidate.vertex);
-        const int32_t* delta = &deltas[static_cast<std::size_t>(candidate.axis) * d];
-        for (int i = 0; i < d; ++i) n1[i] = k[i] + delta[i];
-        const int u = table.find(n1.data(), candidate.hash);
+        if (!table.exact()) {  // the key itself, for the comparison
+          const int32_t* k = table.key(candidate.vertex);
+          const int32_t* delta = &deltas[static_cast<std::size_t>(candidate.axis) * d];
+          for (int i = 0; i < d; ++i) n1[i] = k[i] + delta[i];
+        }
+        const uint64_t code = table.code_of(candidate.vertex) + delta_codes[candidate.axis];
+        const int u = table.find(n1.data(), code, candidate.hash);
         if (u < 0) continue;
         has_previous_out[static_cast<std::size_t>(candidate.axis) * m + candidate.vertex] = 1;
         next_out[static_cast<std::size_t>(candidate.axis) * m + u] = candidate.vertex;
@@ -326,10 +354,10 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
       const int dc = kDim > 0 ? kDim : d;  // a compile-time constant for d = 1..6
 #pragma omp for schedule(static)
       for (int v = 0; v < m; ++v) {
-        const uint64_t key_hash = LatticeHashTable::linear_hash(table.key(v), dc);
+        const uint64_t code = table.code_of(v);
         // Branch-free: whether an axis still needs its look-up follows no pattern.
         for (int j = 0; j <= dc; ++j) {
-          const uint32_t h = LatticeHashTable::finish(key_hash + delta_hash[j]);
+          const uint32_t h = LatticeHashTable::hash(code + delta_codes[j]);
           batch[pending] = Candidate{v, j, h};
           pending += !has_previous_out[static_cast<std::size_t>(j) * m + v];
         }

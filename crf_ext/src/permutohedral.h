@@ -76,6 +76,8 @@ class Permutohedral {
   // n_vertices x dim lattice coordinates (the last one is implied: they sum to 0); empty unless
   // built with keep_keys.
   const std::vector<int32_t>& keys() const { return keys_; }
+  // Whether the build's hash table told keys apart by their codes alone (hash_table.h).
+  bool exact_codes() const { return exact_codes_; }
 
   // Floats in a value buffer for `stride` channels: one row per vertex.
   std::size_t buffer_size(int stride) const { return static_cast<std::size_t>(stride) * n_vertices_; }
@@ -134,6 +136,7 @@ class Permutohedral {
   PooledVector<int32_t> chain_start_;
   std::vector<int32_t> axis_chain_;
   std::vector<int32_t> keys_;
+  bool exact_codes_ = false;
 };
 
 // Calls fn(std::integral_constant<int, V>) with V = value if value is one of kValues, V = 0

@@ -6,7 +6,7 @@ import numpy as np
 import pydensecrf.densecrf as pydcrf
 import pytest
 from photos import load_photo
-from lattice_reference import lattice_keys
+from lattice_reference import lattice_filter, lattice_keys
 from pydensecrf.utils import unary_from_softmax
 
 import crf_ext
@@ -112,6 +112,24 @@ def test_lattice_vertices_match_pydensecrf(name, crop):
         lattice = _core.Lattice(features)
         assert lattice.n_vertices == len(expected)
         np.testing.assert_array_equal(np.unique(lattice.keys().astype(np.int64), axis=0), expected)
+
+
+@pytest.mark.parametrize("spread", [1.0, 3e4])
+@pytest.mark.parametrize("dim", [2, 5, 9])
+def test_lattice_filter_matches_a_dictionary_reference(dim, spread):
+    """splat, blur along every axis (neighbours found by hashing) and slice against a float64
+    reference built with Python dictionaries, for keys told apart by their codes alone and, with
+    clusters spread far apart (a box of more than 2^64 keys for d >= 5), for keys compared
+    coordinate by coordinate."""
+    rng = np.random.default_rng(dim)
+    centres = rng.normal(size=(4, dim)) * spread
+    features = (centres[rng.integers(0, 4, 300)] + rng.normal(size=(300, dim)) * 0.5).astype(np.float32)
+    values = rng.random((300, 3)).astype(np.float32)
+    lattice = _core.Lattice(features)
+    assert lattice.exact_codes == (spread == 1.0 or dim == 2)
+    impulse = np.eye(300, 1, dtype=np.float32)
+    assert (lattice.filter(impulse) > 0).sum() > 30  # the blur found neighbours
+    np.testing.assert_allclose(lattice.filter(values), lattice_filter(features, values), rtol=2e-5, atol=1e-6)
 
 
 def gaussian_message(features, values, variance):
