@@ -186,7 +186,7 @@ def bench_lattice(reps) -> list[str]:
     return rows
 
 
-def peak_growth_mib(impl: str, size: tuple[int, int], n_labels: int) -> float:
+def peak_growth_mib(impl: str, size: tuple[int, int], n_labels: int, threads: int = 2) -> float:
     """Peak RSS growth of one call, in a fresh interpreter, in MiB.
 
     Making the inputs has a higher peak than some calls, so ru_maxrss would read 0: the kernel's
@@ -197,20 +197,20 @@ def peak_growth_mib(impl: str, size: tuple[int, int], n_labels: int) -> float:
         "img = b.load_photo(b.PHOTO_NAMES[0], %r); p = b.smooth_probs(%d, %d, %d, 0)\n"
         "kib = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
         "open('/proc/self/clear_refs', 'w').write('5'); base = kib('VmRSS:')\n"
-        "(b.pydensecrf_call(img, p) if %r == 'pydensecrf' else b.ours_call(img, p, 2))\n"
+        "(b.pydensecrf_call(img, p) if %r == 'pydensecrf' else b.ours_call(img, p, %d))\n"
         "print((kib('VmHWM:') - base) / 1024)\n"
-    ) % (str(REPO), size, n_labels, size[1], size[0], impl)
+    ) % (str(REPO), size, n_labels, size[1], size[0], impl, threads)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench_memory(sizes, label_counts) -> list[str]:
-    rows = ["| size | C | pydensecrf peak growth | crf_ext peak growth |", "|---|---|---|---|"]
+    rows = ["| size | C | pydensecrf peak growth | crf_ext, 1 thread | crf_ext, 2 threads |", "|---|---|---|---|---|"]
     for size in sizes:
         for n_labels in label_counts:
             ref = peak_growth_mib("pydensecrf", size, n_labels)
-            ours = peak_growth_mib("crf_ext", size, n_labels)
-            rows.append(f"| {size[0]}x{size[1]} | {n_labels} | +{ref:.0f} MiB | +{ours:.0f} MiB |")
+            one, two = (peak_growth_mib("crf_ext", size, n_labels, threads) for threads in (1, 2))
+            rows.append(f"| {size[0]}x{size[1]} | {n_labels} | +{ref:.0f} MiB | +{one:.0f} MiB | +{two:.0f} MiB |")
             print(rows[-1], flush=True)
     return rows
 
