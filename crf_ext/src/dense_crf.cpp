@@ -187,16 +187,17 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times)
   const int n = n_points_, c = n_labels_, stride = stride_;
   const int n_kernels = static_cast<int>(kernels_.size());
   const int threads = resolve_threads(num_threads);
-  // With one thread the next iteration's splat is a scatter inside the slice loop: each point's
-  // new q goes onto its vertices right after its softmax, while its rows are still in cache,
-  // into a second buffer per kernel (the first is still being sliced). Points in increasing
-  // order give every vertex the sums the gather gives. Several threads would race on shared
-  // vertices: they gather, as a phase of its own.
-  const bool scatter = threads == 1 && n_iter > 1;
+  // With one thread the splat is a scatter, and that of the next iteration runs inside the
+  // slice loop: each point's new q goes onto its vertices right after its softmax, while its
+  // rows are still in cache, into a second buffer per kernel (the first is still being sliced).
+  // Points in increasing order give every vertex the sums the gather gives. Several threads
+  // would race on shared vertices: they gather, as a phase of its own.
+  const bool scatter = threads == 1;
   std::vector<PooledArray<float>> values, next;
   for (int k = 0; k < n_kernels; ++k) {
+    kernels_[k]->lattice().prepare_gather(threads);
     values.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
-    if (scatter) next.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
+    if (scatter && n_iter > 1) next.push_back(lattice_buffer(kernels_[k]->lattice(), stride));
   }
   // Timing: thread 0 reads the clock after each phase's closing barrier; the shared loop's time
   // is split by every thread's busy time in the slice, the softmax and the scatter.
@@ -217,7 +218,7 @@ void DenseCrf::iterate(float* q, int n_iter, int num_threads, PhaseTimes* times)
       };
       if (times != nullptr && thread_index() == 0) mark = Clock::now();
       for (int it = 0; it < n_iter; ++it) {
-        if (!scatter || it == 0) {
+        if (!scatter || it == 0) {  // a scatter with one thread (Permutohedral::splat)
           // Every splat reads q before any point of q is overwritten below.
           for (int k = 0; k < n_kernels; ++k) {
             kernels_[k]->lattice().template splat<kStride>(q, stride, kernels_[k]->pre_scale(), values[k].get());
@@ -342,6 +343,7 @@ double DenseCrf::kl_divergence(const float* q, int num_threads) const {
   }
   for (const auto& kernel : kernels_) {
     const Permutohedral& lattice = kernel->lattice();
+    lattice.prepare_gather(num_threads);
     PooledVector<float> values(lattice.buffer_size(stride), 0.0f);
     with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
@@ -378,6 +380,7 @@ void dense_crf_2d(const uint8_t* image, const float* probs, int height, int widt
     const PooledVector<float> features = pixel_features(height, width, params.pos_xy_std, nullptr, 0.0f, 1);
     gaussian = std::make_unique<PairwiseKernel>(features.data(), n, 2, LabelCompat::potts(params.pos_w),
                                                 Normalization::kSymmetric, 1);
+    gaussian->lattice().prepare_gather(num_threads);  // here, beside the serial step, if needed
     crf.set_unary_from_probs(probs, 1e-5f, 1);
   };
   PooledVector<float> features =

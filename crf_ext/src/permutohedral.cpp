@@ -414,7 +414,15 @@ Permutohedral::Permutohedral(const float* features, int n_points, int dim, int n
 
   free_storage(next);
   free_storage(has_previous);
+}
 
+void Permutohedral::prepare_gather(int num_threads) const {
+  const int threads = resolve_threads(num_threads);
+  if (threads <= 1) return;
+  std::lock_guard<std::mutex> lock(gather_mutex_);
+  if (gather_ready_) return;
+  gather_ready_ = true;
+  const int n_points = n_points_, d = dim_, d1 = dim_ + 1, m = n_vertices_;
   // Vertex -> points (CSR), points in increasing order so that the gather sums in pydensecrf's
   // order. Each thread counts and fills its own contiguous range of points; offsets of earlier
   // ranges come first, so the result is the same for any thread count.
@@ -464,17 +472,18 @@ void Permutohedral::filter(const float* in, int channels, float* out, int num_th
   PooledVector<float> padded;
   if (stride != channels) padded = padded_rows(in, n_points_, channels, stride);
   const float* points = stride != channels ? padded.data() : in;
-  PooledVector<float> values(buffer_size(stride), 0.0f);
+  PooledArray<float> values = make_pooled_array<float>(buffer_size(stride));
   const bool alpha_in_weight = channels > 2;
+  prepare_gather(num_threads);
   with_stride(stride, [&](auto kStride) {
 #pragma omp parallel num_threads(resolve_threads(num_threads))
     {
-      splat<kStride>(points, stride, nullptr, values.data());
-      blur<kStride>(values.data(), stride, reverse);
+      splat<kStride>(points, stride, nullptr, values.get());
+      blur<kStride>(values.get(), stride, reverse);
       std::vector<float> sliced(stride);
 #pragma omp for schedule(static)
       for (int p = 0; p < n_points_; ++p) {
-        slice_point<kStride>(p, values.data(), stride, alpha_in_weight, sliced.data());
+        slice_point<kStride>(p, values.get(), stride, alpha_in_weight, sliced.data());
         std::copy(sliced.begin(), sliced.begin() + channels, out + static_cast<std::size_t>(p) * channels);
       }
     }

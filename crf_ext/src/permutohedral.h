@@ -7,11 +7,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "buffer_pool.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace crf {
@@ -90,9 +92,14 @@ class Permutohedral {
   // time); see with_stride().
   //
   // values[v] = sum over points p touching v of b_pv * (in[p] * point_scale[p]), in point order.
-  // `in` has `stride` floats per point; `point_scale` may be null (no scaling).
+  // `in` has `stride` floats per point; `point_scale` may be null (no scaling). A team of one
+  // thread scatters point by point (splat_point); a larger team gathers per vertex from the
+  // vertex -> point lists, which prepare_gather() builds.
   template <int kStride>
   void splat(const float* in, int stride, const float* point_scale, float* values) const;
+  // Builds the vertex -> point lists, once, if num_threads asks for more than one thread (one
+  // thread never needs them). Call it outside any parallel region before such a splat.
+  void prepare_gather(int num_threads) const;
   // Blurs along every axis with the unnormalised (1/2, 1, 1/2) kernel, in place.
   template <int kStride>
   void blur(float* values, int stride, bool reverse) const;
@@ -124,10 +131,13 @@ class Permutohedral {
   // Per point and simplex vertex (n_points x (dim+1)): the vertex and its barycentric weight.
   PooledVector<int32_t> point_vertices_;
   PooledVector<float> point_weights_;
-  // The transpose (vertex -> points, CSR) so that the splat is a race-free gather per vertex.
-  PooledVector<int32_t> vertex_start_;
-  PooledVector<int32_t> vertex_points_;
-  PooledVector<float> vertex_weights_;
+  // The transpose (vertex -> points, CSR) so that the splat is a race-free gather per vertex;
+  // built on first need (prepare_gather).
+  mutable std::mutex gather_mutex_;
+  mutable bool gather_ready_ = false;
+  mutable PooledVector<int32_t> vertex_start_;
+  mutable PooledVector<int32_t> vertex_points_;
+  mutable PooledVector<float> vertex_weights_;
   // The lattice lines along each axis that hold more than one vertex ("chains"), each as its
   // vertices in order along the axis; a vertex with no neighbour on an axis is in no chain of
   // that axis (its blur there is the identity). Chain c is chain_vertices_[chain_start_[c] ..
@@ -156,6 +166,13 @@ void with_stride(int stride, Fn&& fn) {
 
 template <int kStride>
 void Permutohedral::splat(const float* in, int stride, const float* point_scale, float* values) const {
+  if (thread_count() == 1) {
+    std::fill_n(values, buffer_size(stride), 0.0f);
+    for (int p = 0; p < n_points_; ++p) {
+      splat_point<kStride>(p, in + static_cast<std::size_t>(p) * stride, stride, point_scale, values);
+    }
+    return;
+  }
   if constexpr (kStride > 0) {  // the sums in vector registers
     using Shape = RowShape<kStride>;
     constexpr int kLanes = Shape::kLanes, kRows = Shape::kRows;

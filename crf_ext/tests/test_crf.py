@@ -129,7 +129,9 @@ def test_lattice_filter_matches_a_dictionary_reference(dim, spread):
     assert lattice.exact_codes == (spread == 1.0 or dim == 2)
     impulse = np.eye(300, 1, dtype=np.float32)
     assert (lattice.filter(impulse) > 0).sum() > 30  # the blur found neighbours
-    np.testing.assert_allclose(lattice.filter(values), lattice_filter(features, values), rtol=2e-5, atol=1e-6)
+    filtered = lattice.filter(values, num_threads=2)  # a gather per vertex; one thread scatters
+    assert np.array_equal(lattice.filter(values, num_threads=1), filtered)
+    np.testing.assert_allclose(filtered, lattice_filter(features, values), rtol=2e-5, atol=1e-6)
 
 
 def gaussian_message(features, values, variance):

@@ -58,7 +58,7 @@ def test_2d_inference_matches_pydensecrf(photo, compat_kind, normalization):
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("n_labels", [2, 18])
 def test_one_thread_gives_the_bits_of_two(photo, normalization, n_labels):
-    """One thread splats as a scatter inside the slice loop, two gather per vertex: the same bits
+    """One thread splats by a scatter (the kernel norms too), two gather per vertex: the same bits
     for every normalisation (scales before and after the filter), 2 labels (pydensecrf's other
     slice), 18 (a stride with no code of its own) and a 3-D kernel (no unrolled dimension)."""
     height, width = photo.shape[:2]
@@ -68,9 +68,13 @@ def test_one_thread_gives_the_bits_of_two(photo, normalization, n_labels):
     volume_features = np.stack([xs / 5, ys / 5, photo.mean(-1, dtype=np.float32) / 10]).reshape(3, -1)
     results = []
     for threads in (1, 2):
-        crf = build_2d(crf_ext, photo, unary, compat, normalization)
-        crf.addPairwiseEnergy(volume_features, compat=2.0, normalization=getattr(crf_ext, normalization))
-        crf.num_threads = threads
+        crf = crf_ext.DenseCRF2D(width, height, n_labels)
+        crf.num_threads = threads  # for the kernel norms too
+        crf.setUnaryEnergy(unary)
+        norm = getattr(crf_ext, normalization)
+        crf.addPairwiseGaussian(sxy=3, compat=compat, normalization=norm)
+        crf.addPairwiseBilateral(sxy=(20, 30), srgb=(13, 10, 7), rgbim=photo, compat=compat, normalization=norm)
+        crf.addPairwiseEnergy(volume_features, compat=2.0, normalization=norm)
         results.append(np.asarray(crf.inference(5)))
     assert np.array_equal(results[0], results[1])
 
