@@ -19,9 +19,9 @@ namespace crf {
 // When every key that will be inserted or looked up lies in a box of at most 2^64 points, the
 // factors are the box's mixed-radix place values and distinct keys have distinct codes: a
 // slot's code alone decides a match and the keys are not stored (BANA's lattices at 500x375:
-// about 18 bits for the Gaussian kernel, 43 for the bilateral). Otherwise the factors are unrelated odd numbers (lattice keys differ by small integer
-// vectors, on which factors like (2i + 1) g would cancel) and a matching code is confirmed on
-// the stored key.
+// about 18 bits for the Gaussian kernel, 43 for the bilateral). Otherwise the factors are
+// unrelated odd numbers (lattice keys differ by small integer vectors, on which factors like
+// (2i + 1) g would cancel) and a matching code is confirmed on the stored key.
 class LatticeHashTable {
  public:
   // `lowest` / `highest`: key_size bounds on the coordinates of every key that will be inserted
@@ -31,10 +31,10 @@ class LatticeHashTable {
       : key_size_(key_size), factors_(key_size) {
     uint64_t place = 1;
     exact_ = true;
-    for (int i = 0; i < key_size; ++i) {
+    for (int i = 0; i < key_size && exact_; ++i) {
       const uint64_t range = static_cast<uint64_t>(static_cast<int64_t>(highest[i]) - lowest[i] + 1);
       factors_[i] = place;
-      if (range > std::numeric_limits<uint64_t>::max() / place) exact_ = false;
+      exact_ = range <= std::numeric_limits<uint64_t>::max() / place;
       place *= range;
     }
     if (!exact_) {
