@@ -31,9 +31,11 @@ def compat_of(kind, n_labels, rng):
     return rng.uniform(-2, 5, (n_labels, n_labels)).astype(np.float32)  # not symmetric on purpose
 
 
-def build_2d(module, image, unary, compat, normalization):
+def build_2d(module, image, unary, compat, normalization, num_threads=None):
     height, width = image.shape[:2]
     crf = module.DenseCRF2D(width, height, unary.shape[0])
+    if num_threads is not None:
+        crf.num_threads = num_threads  # before the kernels: their norms are filtered when added
     crf.setUnaryEnergy(unary)
     norm = getattr(module, normalization)
     crf.addPairwiseGaussian(sxy=3, compat=compat, kernel=module.DIAG_KERNEL, normalization=norm)
@@ -68,13 +70,8 @@ def test_one_thread_gives_the_bits_of_two(photo, normalization, n_labels):
     volume_features = np.stack([xs / 5, ys / 5, photo.mean(-1, dtype=np.float32) / 10]).reshape(3, -1)
     results = []
     for threads in (1, 2):
-        crf = crf_ext.DenseCRF2D(width, height, n_labels)
-        crf.num_threads = threads  # for the kernel norms too
-        crf.setUnaryEnergy(unary)
-        norm = getattr(crf_ext, normalization)
-        crf.addPairwiseGaussian(sxy=3, compat=compat, normalization=norm)
-        crf.addPairwiseBilateral(sxy=(20, 30), srgb=(13, 10, 7), rgbim=photo, compat=compat, normalization=norm)
-        crf.addPairwiseEnergy(volume_features, compat=2.0, normalization=norm)
+        crf = build_2d(crf_ext, photo, unary, compat, normalization, num_threads=threads)
+        crf.addPairwiseEnergy(volume_features, compat=2.0, normalization=getattr(crf_ext, normalization))
         results.append(np.asarray(crf.inference(5)))
     assert np.array_equal(results[0], results[1])
 
